@@ -1,0 +1,145 @@
+"""The embedded default: offline, CPU, a few minutes.
+
+scikit-learn's 8x8 digits (1,797 images, 10 classes) through the `lfm_digits` tfds builder,
+bilinearly upsampled to 16x16x1 -> small KL autoencoder (4x down, 4x4x4 latents) -> latent cache
+-> small class-conditional ADM U-Net trained by flow matching -> Euler samples with CFG -> PNG grid
+per class and metrics (labelled offline metric; FID needs the Inception weights file).
+
+Every other config imports this one and changes a few fields. Every value can be overridden on the
+command line: `--config.train.num_steps=500`.
+"""
+
+import ml_collections
+
+
+def get_config():
+  """Returns the embedded-default config (see module docstring)."""
+  config = ml_collections.ConfigDict()
+  config.mode = "pipeline"  # pipeline | autoencoder | encode | train | sample | evaluate | score | stability
+  config.seed = 0
+
+  # --- Data (lfm_jax/input_pipeline.py). Images are float32 in [-1, 1], NHWC.
+  config.data = data = ml_collections.ConfigDict()
+  data.name = "lfm_digits"  # a tfds name (e.g. "celeb_a_hq/256"), "lfm_digits", "ffhq", or "image_folder"
+  data.data_dir = None  # tfds data dir; None: tfds default (~/tensorflow_datasets)
+  data.manual_dir = None  # for data sets tfds cannot download (CelebA-HQ, ImageNet, FFHQ)
+  data.image_folder = None  # path, for name == "image_folder" (class sub-folders optional)
+  data.image_size = 16
+  data.channels = 1
+  data.train_split = "train"
+  data.eval_split = "test"
+  data.max_train_examples = None  # e.g. 120_000 for LSUN (the first N, as LFM does)
+  data.crop = "none"  # none | center | adm (ADM's center crop)
+  data.random_flip = False
+  data.num_classes = 10  # 0 for unconditional data
+  data.shuffle_buffer = 10_000
+  # Train on a scored, pruned subset (lfm_jax/scoring.py). ratio = fraction REMOVED.
+  data.subset = ml_collections.ConfigDict()
+  data.subset.scores = None  # path to a scores file written by the `score` mode
+  data.subset.rule = "highest"  # highest | lowest | random | proportional_nearest | proportional_furthest | balanced
+  data.subset.ratio = 0.0
+
+  # --- First-stage autoencoder (models/autoencoder.py, autoencoder_train.py, latents.py).
+  config.autoencoder = ae = ml_collections.ConfigDict()
+  ae.pretrained = None  # path to diffusers dir or LDM/SD checkpoint; None: train one (below)
+  ae.block_out_channels = (16, 32, 64)
+  ae.layers_per_block = 1
+  ae.latent_channels = 4
+  ae.norm_num_groups = 8
+  ae.attention = False  # mid-block self-attention (SD has it)
+  ae.scale_factor = None  # None: 1/std of the cached latents; 0.18215 for SD's KL-f8
+  ae.sample_posterior = True  # LFM samples z ~ q(z|x) rather than using the mean
+  ae.train = ml_collections.ConfigDict()
+  ae.train.num_steps = 1000
+  ae.train.batch_size = 64
+  ae.train.learning_rate = 2e-3
+  ae.train.recon_loss = "l1"  # l1 | l2
+  ae.train.kl_weight = 1e-5
+  ae.train.ema_decay = 0.0  # 0 disables EMA for the autoencoder
+  ae.train.log_every = 100
+  ae.train.checkpoint_every = 500
+
+  # --- Velocity network (models/unet.py, models/dit.py).
+  config.model = model = ml_collections.ConfigDict()
+  model.name = "unet"  # unet | dit
+  model.model_channels = 32
+  model.channel_mult = (1, 2)
+  model.num_res_blocks = 1
+  model.attention_resolutions = ()
+  model.attention_semantics = "resolution"  # resolution (EDM) | downsample (guided-diffusion)
+  model.num_heads = 4
+  model.num_head_channels = -1  # > 0 overrides num_heads with channels per head
+  model.dropout = 0.0
+  model.use_scale_shift_norm = True
+  model.resblock_updown = False
+  model.num_classes = 10  # 0: unconditional. The null (guidance) label is index num_classes.
+  model.extra_in_channels = 0  # conditioning channels concatenated to the latent (inpainting: 5)
+  model.init_from = None  # a PyTorch checkpoint to start from (weights.load_velocity_checkpoint)
+
+  # --- Flow matching (flow.py). LFM convention: t = 0 data, t = 1 noise.
+  config.flow = flow = ml_collections.ConfigDict()
+  flow.sigma_min = 1e-5
+  flow.time_sampling = "uniform"  # uniform | logit_normal
+  flow.class_dropout_prob = 0.1  # label dropout for classifier-free guidance
+
+  # --- Training (train.py).
+  config.train = train = ml_collections.ConfigDict()
+  train.batch_size = 128  # global
+  train.num_steps = 2000
+  train.optimizer = "adamw"
+  train.learning_rate = 1e-3
+  train.weight_decay = 0.0
+  train.schedule = "constant"  # constant | cosine
+  train.warmup_steps = 0
+  train.end_learning_rate = 1e-5  # for cosine
+  train.grad_clip_norm = 0.0  # 0 disables
+  train.grad_accum_steps = 1
+  train.compute_dtype = "float32"  # float32 | bfloat16 (params stay float32)
+  train.ema_decay = 0.999
+  train.ema_warmup = False
+  train.log_every = 100
+  train.checkpoint_every = 500
+  train.keep_checkpoints = 2
+  train.keep_every = 0  # also keep every K-th step's checkpoint; 0 disables
+  train.sample_every = 1000  # sample grid from EMA params with fixed noise; 0 disables
+
+  # --- Sampling (sampling.py).
+  config.sample = sample = ml_collections.ConfigDict()
+  sample.solver = "euler"  # euler | heun | midpoint | rk4 | dopri5 | tsit5
+  sample.num_steps = 50
+  sample.rtol = 1e-5
+  sample.atol = 1e-5
+  sample.guidance_scale = 1.5
+  sample.num_samples = 100  # `sample` mode: 10 per class
+  sample.batch_size = 100
+  sample.use_ema = True
+
+  # --- Evaluation (metrics/, `evaluate` mode).
+  config.eval = ev = ml_collections.ConfigDict()
+  ev.num_samples = 1000
+  ev.batch_size = 250
+  ev.feature_extractor = "digits_classifier"  # digits_classifier | autoencoder | inception
+  ev.inception_weights = None  # pt_inception-2015-12-05-6726825d.pth (pytorch-fid)
+  ev.reference_stats = None  # .npz with mu, sigma; None: computed from data.train_split
+  ev.precision_recall_k = 3
+
+  # --- Scoring (scoring.py, `score` mode).
+  config.score = sc = ml_collections.ConfigDict()
+  sc.criterion = "cluster"  # loss | gradient | cluster | random | kcenter | herding
+  sc.embedding = "autoencoder"  # autoencoder | inception | file
+  sc.embedding_file = None  # .npz with `ids`, `features` for embedding == "file"
+  sc.num_clusters = 10
+  sc.num_times = 10
+  sc.num_noises = 2
+  sc.batch_size = 256
+
+  # --- Stability (`stability` mode) and coarse-to-fine sampling.
+  config.stability = st = ml_collections.ConfigDict()
+  st.other_workdir = None  # the second model's workdir (same-seed comparison)
+  st.num_samples = 256
+  st.embedding = "digits_classifier"
+  config.coarse_to_fine = c2f = ml_collections.ConfigDict()
+  c2f.light_workdir = None  # workdir (or checkpoint dir) of the light model; None disables
+  c2f.light_fraction = 0.7  # share of the trajectory from the noise end run by the light model
+
+  return config
