@@ -1,0 +1,179 @@
+"""Building blocks shared by the velocity networks (U-Net and DiT).
+
+- `timestep_embedding`: guided-diffusion / GLIDE / DiT sinusoidal embedding ([cos, sin] halves,
+  frequencies exp(-log(max_period) * i / half)). LFM feeds raw t in [0, 1].
+- `Conv`: a 2-D convolution with PyTorch-style symmetric integer padding and parameters
+  `kernel` (kh, kw, Cin, Cout) and `bias` (Cout,). On feature maps smaller than
+  `small_map_threshold` it computes the same convolution as patch extraction + one matmul,
+  because XLA's CPU convolution is pathologically slow on tiny maps (see DESIGN.md). The
+  parameters are identical on both paths, so converters never see the difference.
+- `group_norm`: GroupNorm computed in float32 (as guided-diffusion's GroupNorm32), eps 1e-5,
+  with a group count clipped to divide the channel count (tiny test widths).
+"""
+
+import math
+from typing import Any, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+# PyTorch's default init for conv / linear weights is kaiming_uniform(a=sqrt(5)), i.e.
+# U(-1/sqrt(fan_in), 1/sqrt(fan_in)) == variance_scaling(1/3, fan_in, uniform).
+torch_default_init = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
+
+
+def timestep_embedding(t, dim: int, max_period: float = 10000.0):
+  """Sinusoidal embedding of (fractional) times t: (B,) -> (B, dim), [cos | sin] halves."""
+  t = jnp.asarray(t, jnp.float32)
+  half = dim // 2
+  freqs = jnp.exp(-math.log(max_period) * jnp.arange(half, dtype=jnp.float32) / half)
+  args = t[:, None] * freqs[None, :]
+  emb = jnp.concatenate([jnp.cos(args), jnp.sin(args)], axis=-1)
+  if dim % 2:
+    emb = jnp.concatenate([emb, jnp.zeros_like(emb[:, :1])], axis=-1)
+  return emb
+
+
+def broadcast_time(t, batch: int):
+  """t as a (batch,) float32 array (a scalar or (1,) is broadcast)."""
+  t = jnp.asarray(t, jnp.float32)
+  if t.ndim == 0:
+    t = jnp.full((batch,), t)
+  t = t.reshape(-1)
+  if t.shape[0] == 1 and batch != 1:
+    t = jnp.broadcast_to(t, (batch,))
+  return t
+
+
+def num_groups_for(channels: int, max_groups: int = 32) -> int:
+  """Largest group count <= max_groups that divides channels (32 for ADM widths)."""
+  g = max(1, min(max_groups, channels))
+  while channels % g:
+    g -= 1
+  return g
+
+
+class GroupNorm(nn.Module):
+  """GroupNorm in float32 (PyTorch eps 1e-5); params `scale`, `bias` (torch weight, bias)."""
+
+  num_groups: int = 32
+  epsilon: float = 1e-5
+
+  @nn.compact
+  def __call__(self, x):
+    c = x.shape[-1]
+    groups = num_groups_for(c, self.num_groups)
+    scale = self.param("scale", nn.initializers.ones, (c,), jnp.float32)
+    bias = self.param("bias", nn.initializers.zeros, (c,), jnp.float32)
+    xf = x.astype(jnp.float32)
+    shape = xf.shape
+    xg = xf.reshape(shape[0], -1, groups, c // groups)
+    mean = jnp.mean(xg, axis=(1, 3), keepdims=True)
+    var = jnp.mean(jnp.square(xg - mean), axis=(1, 3), keepdims=True)
+    y = ((xg - mean) * jax.lax.rsqrt(var + self.epsilon)).reshape(shape)
+    return (y * scale + bias).astype(x.dtype)
+
+
+def extract_patches(x, kernel_size: Sequence[int], strides: Sequence[int],
+                    padding: Sequence[int]):
+  """im2col: (B, H, W, C) -> (B, Ho, Wo, kh*kw*C), ordered (kh, kw, C) like an HWIO kernel."""
+  kh, kw = kernel_size
+  sh, sw = strides
+  ph, pw = padding
+  x = jnp.pad(x, ((0, 0), (ph, ph), (pw, pw), (0, 0)))
+  hp, wp = x.shape[1], x.shape[2]
+  ho = (hp - kh) // sh + 1
+  wo = (wp - kw) // sw + 1
+  cols = []
+  for i in range(kh):
+    for j in range(kw):
+      cols.append(x[:, i:i + sh * (ho - 1) + 1:sh, j:j + sw * (wo - 1) + 1:sw, :])
+  patches = jnp.stack(cols, axis=3)  # (B, Ho, Wo, kh*kw, C)
+  return patches.reshape(x.shape[0], ho, wo, kh * kw * x.shape[-1])
+
+
+def conv2d(x, kernel, bias=None, strides=(1, 1), padding=(1, 1), small_map_threshold=8,
+           precision=None):
+  """2-D conv (NHWC, HWIO kernel, symmetric padding); im2col + matmul on small maps."""
+  kh, kw, cin, cout = kernel.shape
+  h, w = x.shape[1], x.shape[2]
+  if kh == 1 and kw == 1 and tuple(strides) == (1, 1) and tuple(padding) == (0, 0):
+    y = jnp.einsum("bhwc,cd->bhwd", x, kernel[0, 0], precision=precision)
+  elif min(h, w) < small_map_threshold:
+    patches = extract_patches(x, (kh, kw), strides, padding)
+    y = jnp.einsum("bhwk,kd->bhwd", patches, kernel.reshape(kh * kw * cin, cout),
+                   precision=precision)
+  else:
+    y = jax.lax.conv_general_dilated(
+        x, kernel, window_strides=tuple(strides),
+        padding=[(padding[0], padding[0]), (padding[1], padding[1])],
+        dimension_numbers=("NHWC", "HWIO", "NHWC"), precision=precision)
+  if bias is not None:
+    y = y + bias
+  return y
+
+
+class Conv(nn.Module):
+  """Conv2d with torch-style padding; same params on the lax-conv and small-map matmul paths."""
+
+  features: int
+  kernel_size: Sequence[int] = (3, 3)
+  strides: Sequence[int] = (1, 1)
+  padding: Any = None  # int or (ph, pw); None: kernel_size // 2 ("same" for odd kernels)
+  use_bias: bool = True
+  kernel_init: Any = torch_default_init
+  bias_init: Any = nn.initializers.zeros
+  small_map_threshold: int = 8
+  dtype: Any = None
+  param_dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    kh, kw = self.kernel_size
+    if self.padding is None:
+      pad = (kh // 2, kw // 2)
+    elif isinstance(self.padding, int):
+      pad = (self.padding, self.padding)
+    else:
+      pad = tuple(self.padding)
+    kernel = self.param("kernel", self.kernel_init, (kh, kw, x.shape[-1], self.features),
+                        self.param_dtype)
+    bias = (self.param("bias", self.bias_init, (self.features,), self.param_dtype)
+            if self.use_bias else None)
+    dtype = self.dtype or x.dtype
+    x = x.astype(dtype)
+    kernel = kernel.astype(dtype)
+    bias = None if bias is None else bias.astype(dtype)
+    return conv2d(x, kernel, bias, tuple(self.strides), pad, self.small_map_threshold)
+
+
+def dense(features, name, zero=False, dtype=None, kernel_init=None):
+  """nn.Dense with PyTorch-like init (or zero init); kernel is (in, out) = torch weight.T."""
+  if zero:
+    kinit = nn.initializers.zeros
+  else:
+    kinit = kernel_init or torch_default_init
+  return nn.Dense(features, kernel_init=kinit, bias_init=nn.initializers.zeros, dtype=dtype,
+                  name=name)
+
+
+def sincos_pos_embed_2d(embed_dim: int, grid_size: int) -> np.ndarray:
+  """Fixed 2-D sin-cos positional embedding (MAE / DiT): (grid_size**2, embed_dim) float32.
+
+  Token order is row-major (h, w). The first half of the channels encodes the w coordinate and
+  the second half the h coordinate (the meshgrid(w, h) convention of the reference), each half
+  as [sin | cos] with omega_i = 1 / 10000**(i / (D/4)).
+  """
+  assert embed_dim % 4 == 0, "DiT hidden size must be divisible by 4"
+  gh, gw = np.meshgrid(np.arange(grid_size, dtype=np.float64),
+                       np.arange(grid_size, dtype=np.float64), indexing="ij")
+  # meshgrid(w, h) in the reference -> grid[0] varies along w.
+  def one_d(dim, pos):
+    omega = np.arange(dim // 2, dtype=np.float64) / (dim / 2.0)
+    omega = 1.0 / 10000 ** omega
+    out = pos.reshape(-1)[:, None] * omega[None, :]
+    return np.concatenate([np.sin(out), np.cos(out)], axis=1)
+  emb = np.concatenate([one_d(embed_dim // 2, gw), one_d(embed_dim // 2, gh)], axis=1)
+  return emb.astype(np.float32)
