@@ -1,0 +1,89 @@
+"""`ffhq`: Flickr-Faces-HQ from the official PNG folder (manual download), e.g. at 256x256.
+
+tfds does not ship FFHQ. Put the official images (https://github.com/NVlabs/ffhq-dataset:
+`python download_ffhq.py --images` gives `images1024x1024/00000/00000.png` ... 70,000 PNGs)
+in the manual dir; any folder holding the 70,000 numbered PNGs (flat or in the 1,000-image
+sub-folders, at 1024 or already at the target resolution) works. Images whose size differs from
+the config's resolution are resized with Pillow's Lanczos filter (the filter the usual FFHQ-256
+preparations use). One split, `train`, in file-name order: `id` = index = the FFHQ image number
+when all 70,000 are present.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import tensorflow_datasets as tfds
+
+NUM_IMAGES = 70_000
+
+
+def find_pngs(manual_dir: str) -> list[str]:
+  """PNG paths under manual_dir (prefers an `images1024x1024` sub-folder), sorted by name."""
+  if not manual_dir or not os.path.isdir(manual_dir):
+    return []
+  root = manual_dir
+  for candidate in ("images1024x1024", "ffhq", "FFHQ"):
+    if os.path.isdir(os.path.join(manual_dir, candidate)):
+      root = os.path.join(manual_dir, candidate)
+      break
+  found = []
+  for dirpath, dirnames, filenames in os.walk(root):
+    dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+    found += [os.path.join(dirpath, f) for f in filenames if f.lower().endswith(".png")]
+  return sorted(found, key=lambda p: (os.path.basename(p), p))
+
+
+class FfhqConfig(tfds.core.BuilderConfig):
+
+  def __init__(self, *, resolution: int, **kwargs):
+    super().__init__(name=str(resolution),
+                     description=f"FFHQ at {resolution}x{resolution}", **kwargs)
+    self.resolution = resolution
+
+
+class Ffhq(tfds.core.GeneratorBasedBuilder):
+  """FFHQ (70,000 aligned faces) from the official PNGs in the manual dir."""
+
+  VERSION = tfds.core.Version("1.0.0")
+  RELEASE_NOTES = {"1.0.0": "Initial release."}
+  BUILDER_CONFIGS = [FfhqConfig(resolution=256), FfhqConfig(resolution=128),
+                     FfhqConfig(resolution=512), FfhqConfig(resolution=1024)]
+  MANUAL_DOWNLOAD_INSTRUCTIONS = """\
+  Put the official FFHQ PNGs (https://github.com/NVlabs/ffhq-dataset,
+  `python download_ffhq.py --images` -> images1024x1024/00000/00000.png ...) in manual_dir,
+  e.g. <manual_dir>/images1024x1024/. 70,000 PNGs, 1024x1024 (they are resized).
+  """
+
+  def _info(self) -> tfds.core.DatasetInfo:
+    r = self.builder_config.resolution
+    return self.dataset_info_from_configs(
+        description=__doc__,
+        features=tfds.features.FeaturesDict({
+            "image": tfds.features.Image(shape=(r, r, 3), encoding_format="png"),
+            "id": tfds.features.Scalar(dtype=np.int64),
+            "image/filename": tfds.features.Text(),
+        }),
+        homepage="https://github.com/NVlabs/ffhq-dataset",
+        disable_shuffling=True,  # stored order == file-name order == `id`
+    )
+
+  def _split_generators(self, dl_manager):
+    files = find_pngs(str(dl_manager.manual_dir))
+    if not files:
+      raise FileNotFoundError(
+          f"No FFHQ PNGs under {dl_manager.manual_dir}.\n{self.MANUAL_DOWNLOAD_INSTRUCTIONS}")
+    return {"train": self._generate_examples(files)}
+
+  def _generate_examples(self, files):
+    from PIL import Image  # pylint: disable=g-import-not-at-top
+
+    r = self.builder_config.resolution
+    for i, path in enumerate(files):
+      with Image.open(path) as im:
+        im = im.convert("RGB")
+        if im.size != (r, r):
+          im = im.resize((r, r), Image.LANCZOS)
+        image = np.asarray(im)
+      yield i, {"image": image, "id": i, "image/filename": os.path.basename(path)}
