@@ -1,0 +1,148 @@
+"""FID InceptionV3: Flax port vs torch-fidelity's pure-torch feature extractor (random weights)."""
+
+import importlib.util
+import os
+import sys
+import types
+
+import numpy as np
+import pytest
+
+import jax
+import jax.numpy as jnp
+
+from lfm_jax.converters.common import WeightConversionError
+from lfm_jax.converters.inception import convert_inception_state_dict, load_inception
+from lfm_jax.models.inception import InceptionV3, resize_bilinear_tf1
+
+
+def _load_fidelity_module(name):
+  """Loads one torch_fidelity module file without importing the package (which pulls torchvision)."""
+  spec = importlib.util.find_spec("torch_fidelity")
+  if spec is None or not spec.submodule_search_locations:
+    pytest.skip("torch-fidelity not installed")
+  root = list(spec.submodule_search_locations)[0]
+  if "torch_fidelity" not in sys.modules:  # a bare package object: submodules import lazily from it
+    pkg = types.ModuleType("torch_fidelity")
+    pkg.__path__ = [root]
+    sys.modules["torch_fidelity"] = pkg
+  full = f"torch_fidelity.{name}"
+  if full in sys.modules:
+    return sys.modules[full]
+  mspec = importlib.util.spec_from_file_location(full, os.path.join(root, f"{name}.py"))
+  mod = importlib.util.module_from_spec(mspec)
+  sys.modules[full] = mod
+  mspec.loader.exec_module(mod)
+  return mod
+
+
+@pytest.fixture(scope="module")
+def torch_reference():
+  """torch-fidelity's InceptionV3 with seeded random weights and calibrated, randomised BN stats."""
+  torch = pytest.importorskip("torch")
+  fe = _load_fidelity_module("feature_extractor_inceptionv3")
+  torch.manual_seed(0)
+
+  class NoDownload(fe.FeatureExtractorInceptionV3):
+    def load_state_dict(self, state_dict, *args, **kwargs):
+      if state_dict is None:  # the constructor's would-be download: keep the random init
+        return None
+      return super().load_state_dict(state_dict, *args, **kwargs)
+
+  orig = fe.load_state_dict_from_url
+  fe.load_state_dict_from_url = lambda *a, **k: None
+  try:
+    model = NoDownload("inception-v3-compat", ["2048"])
+  finally:
+    fe.load_state_dict_from_url = orig
+  # Calibrate BN running stats on one batch (keeps activations O(1) through the ~95 layers, so the
+  # comparison is meaningful), then randomise them and the affine parameters.
+  bns = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+  for bn in bns:
+    bn.momentum = 1.0
+  model.train()
+  with torch.no_grad():
+    calib = torch.rand(2, 3, 96, 96) * 255
+    x = fe.interpolate_bilinear_2d_like_tensorflow1x(calib, size=(299, 299), align_corners=False)
+    x = (x - 128) / 128
+    for name in ["Conv2d_1a_3x3", "Conv2d_2a_3x3", "Conv2d_2b_3x3", "MaxPool_1", "Conv2d_3b_1x1",
+                 "Conv2d_4a_3x3", "MaxPool_2", "Mixed_5b", "Mixed_5c", "Mixed_5d", "Mixed_6a",
+                 "Mixed_6b", "Mixed_6c", "Mixed_6d", "Mixed_6e", "Mixed_7a", "Mixed_7b", "Mixed_7c"]:
+      x = getattr(model, name)(x)
+    g = torch.Generator().manual_seed(1)
+    for bn in bns:
+      n = bn.num_features
+      bn.running_mean += 0.05 * torch.randn(n, generator=g) * bn.running_var.sqrt()
+      bn.running_var *= 0.9 + 0.2 * torch.rand(n, generator=g)
+      bn.weight.copy_(0.9 + 0.2 * torch.rand(n, generator=g))
+      bn.bias.copy_(0.1 * torch.randn(n, generator=g))
+  model.eval()
+  return model, fe
+
+
+def test_resize_matches_torch_fidelity(torch_reference):
+  torch = pytest.importorskip("torch")
+  _, fe = torch_reference
+  rng = np.random.default_rng(0)
+  for h, w in [(64, 64), (37, 128), (299, 299)]:
+    x = rng.integers(0, 256, size=(2, h, w, 3)).astype(np.float32)
+    ref = fe.interpolate_bilinear_2d_like_tensorflow1x(
+        torch.from_numpy(x).permute(0, 3, 1, 2), size=(299, 299), align_corners=False)
+    ours = np.asarray(resize_bilinear_tf1(jnp.asarray(x), (299, 299)))
+    np.testing.assert_allclose(ours, ref.permute(0, 2, 3, 1).numpy(), atol=1e-4, rtol=0)
+    if (h, w) == (299, 299):
+      np.testing.assert_array_equal(ours, x)
+
+
+def test_inception_parity_with_torch_fidelity(torch_reference):
+  torch = pytest.importorskip("torch")
+  model, _ = torch_reference
+  state_dict = model.state_dict()
+  variables = convert_inception_state_dict(state_dict)
+  # Every key mapped: the only keys not consumed are the explicitly-unused ones.
+  n_used = sum(x.size > 0 for x in jax.tree_util.tree_leaves(variables))
+  unused = sorted(k for k in state_dict if not (k.startswith("fc.") or
+                                                k.endswith("num_batches_tracked")))
+  assert n_used == len(unused) == 470
+
+  rng = np.random.default_rng(0)
+  groups = [rng.integers(0, 256, size=(2, s, s, 3), dtype=np.uint8) for s in (64, 128)]
+  with torch.no_grad():
+    ref = np.concatenate([
+        model(torch.from_numpy(g).permute(0, 3, 1, 2).contiguous())[0].numpy() for g in groups])
+  module = InceptionV3()
+  # One compile at 299: resize each size eagerly, then the network (resize at 299 is exact identity).
+  x = jnp.concatenate([resize_bilinear_tf1(jnp.asarray(g, jnp.float32)) for g in groups])
+  ours = np.asarray(jax.jit(module.apply)(variables, x))
+  assert ours.shape == (4, 2048)
+  assert np.abs(ref).mean() > 1e-2  # features are not degenerate
+  err = np.abs(ours - ref).max()
+  print(f"inception parity: max abs err {err:.3g}, mean |feature| {np.abs(ref).mean():.3g}")
+  assert err < 1e-3
+
+
+def test_converter_is_strict(tmp_path, torch_reference):
+  torch = pytest.importorskip("torch")
+  model, _ = torch_reference
+  sd = dict(model.state_dict())
+  bad = dict(sd)
+  del bad["Mixed_6b.branch7x7_2.conv.weight"]
+  bad["AuxLogits.fc.weight"] = torch.zeros(1000, 768)
+  bad["Mixed_5b.branch1x1.bn.running_var"] = torch.zeros(3)
+  bad["fc.weight"] = torch.zeros(1000, 2048)  # torchvision's ImageNet head: not the FID network
+  with pytest.raises(WeightConversionError) as e:
+    convert_inception_state_dict(bad)
+  msg = str(e.value)
+  for k in ["Mixed_6b.branch7x7_2.conv.weight", "AuxLogits.fc.weight",
+            "Mixed_5b.branch1x1.bn.running_var", "fc.weight"]:
+    assert k in msg
+  # Round trip through a .pth file (no fc / counters is fine: they are optional).
+  trimmed = {k: v for k, v in sd.items() if not k.startswith("fc.")}
+  path = tmp_path / "inception.pth"
+  torch.save(trimmed, path)
+  module, variables = load_inception(str(path))
+  assert isinstance(module, InceptionV3)
+  np.testing.assert_array_equal(variables["params"]["Conv2d_1a_3x3"]["conv"]["kernel"],
+                                sd["Conv2d_1a_3x3.conv.weight"].permute(2, 3, 1, 0).numpy())
+  with pytest.raises(FileNotFoundError, match="pt_inception-2015-12-05"):
+    load_inception(str(tmp_path / "absent.pth"))
