@@ -161,12 +161,20 @@ def test_coarse_to_fine_rejects_bad_stage():
     build("coarse_to_fine_dit_s2_xl2.py", "medium")
 
 
-# One trace per distinct network, not per pruning variant.
-TRACE_CASES = [(n, a) for n, a in CASES
-               if n not in ("stability_prune.py", "coarse_to_fine_dit_s2_xl2.py")]
-TRACE_CASES += [("stability_prune.py", "cluster,0.5"),
-                ("coarse_to_fine_dit_s2_xl2.py", "light"),
-                ("coarse_to_fine_dit_s2_xl2.py", "heavy")]
+def distinct_networks():
+  """One (name, arg) per distinct (model config, latent shape): e.g. the four unconditional
+  DiT-L/2 configs share one trace."""
+  seen, cases = set(), []
+  for name, arg in CASES:
+    config = build(name, arg)
+    key = (config.model.to_json(sort_keys=True), latent_shape(config))
+    if key not in seen:
+      seen.add(key)
+      cases.append((name, arg))
+  return cases
+
+
+TRACE_CASES = distinct_networks()
 
 # Published parameter counts (millions) of the DiT presets, checked loosely.
 DIT_PARAMS_M = {"S/2": 33, "B/2": 130, "L/2": 458, "XL/2": 675}
