@@ -1,0 +1,594 @@
+"""Input pipelines: every image lfm_jax reads goes through tensorflow-datasets.
+
+Data sets (`config.data.name`):
+  "lfm_digits"       scikit-learn's digits (lfm_jax/datasets/lfm_digits.py); the builder config
+                     follows data.image_size and data.channels ("16x16_gray", ...). Offline.
+  "celeb_a_hq/256"   tfds CelebA-HQ; manual dir: data256x256.tar (progressive_growing_of_gans).
+  "ffhq"             our builder over the official PNGs (lfm_jax/datasets/ffhq.py); manual dir.
+  "lsun/church_outdoor", "lsun/bedroom"
+                     tfds LSUN (needs a prepared copy: it is downloaded, never here);
+                     data.max_train_examples = 120_000 keeps the first 120k, as LFM does.
+  "imagenet2012"     tfds ImageNet; manual dir: ILSVRC2012_img_train.tar, ILSVRC2012_img_val.tar.
+  "image_folder"     data.image_folder (class sub-folders -> labels; see datasets/image_folder.py).
+  any other tfds name (used as is).
+`PAPER_PRESETS` lists the preprocessing the paper experiments use for each.
+
+Examples: {"image": float32 (S, S, C) in [-1, 1], "label": int32 (0 when unconditional),
+"id": int64 = the example's index in its split}. Preprocessing (data.crop): "none" resizes to
+S x S (bilinear, antialiased; a no-op at the stored size), "center" resizes the shorter side to S
+then centre-crops (LSUN), "adm" is ADM's centre crop (halve with a box filter while the shorter
+side >= 2S, bicubic to shorter side S, round to uint8, centre-crop; with tf's box and
+antialiased Keys-cubic kernels this is within ~1 grey level of ADM's PIL code on average). data.random_flip adds a
+horizontal flip drawn statelessly from (seed, epoch, id): identical whatever the host count.
+
+Multi-host: each host reads only its own contiguous, even share of the split (the arithmetic of
+`tfds.even_splits`/`tfds.split_for_jax_process`, kept explicit so each example's id is exact).
+`batch_size` is always the GLOBAL batch; each host yields batch_size // process_count rows.
+
+Determinism and resume: files are read in order, the epoch-e order is a seeded buffer shuffle with
+seed f(seed, host, e), and tf.data runs deterministically. Resuming after k batches rebuilds the
+stream at epoch (k * host_batch) // host_examples and skips only within that epoch
+(`ResumableIterator`). `ArrayIterator` gives the same contract for in-memory arrays (latent cache).
+
+Offline safety: nothing here downloads. A data set that is not prepared is prepared at once when
+that needs no network (lfm_digits, image folders, FFHQ/CelebA-HQ/ImageNet whose manual files are
+in place), otherwise `DatasetNotAvailableError` is raised immediately, saying which files to put
+where or which command to run on a machine with network access.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any, Iterator, Mapping, Optional, Sequence
+
+import numpy as np
+import tensorflow as tf
+import tensorflow_datasets as tfds
+
+from lfm_jax import datasets as _datasets  # noqa: F401  (registers our builders)
+from lfm_jax.datasets import ffhq as _ffhq
+from lfm_jax.datasets import image_folder as _image_folder
+from lfm_jax.datasets import lfm_digits as _lfm_digits
+
+__all__ = [
+    "DatasetNotAvailableError", "PAPER_PRESETS", "get_builder", "ensure_prepared",
+    "dataset_info", "num_examples", "preprocess_image", "create_dataset", "iterate_numpy",
+    "ResumableIterator", "ArrayIterator", "host_range",
+]
+
+# Preprocessing of the paper experiments (for configs; the pipeline itself reads config.data).
+PAPER_PRESETS = {
+    "celeb_a_hq/256": dict(image_size=256, channels=3, crop="none", random_flip=True,
+                           num_classes=0, train_split="train"),
+    "ffhq": dict(image_size=256, channels=3, crop="none", random_flip=True, num_classes=0,
+                 train_split="train"),
+    "lsun/church_outdoor": dict(image_size=256, channels=3, crop="center", random_flip=True,
+                                num_classes=0, max_train_examples=120_000,
+                                train_split="train", eval_split="validation"),
+    "lsun/bedroom": dict(image_size=256, channels=3, crop="center", random_flip=True,
+                         num_classes=0, max_train_examples=120_000, train_split="train",
+                         eval_split="validation"),
+    "imagenet2012": dict(image_size=256, channels=3, crop="adm", random_flip=True,
+                         num_classes=1000, train_split="train", eval_split="validation"),
+}
+
+_CROPS = ("none", "center", "adm")
+
+
+class DatasetNotAvailableError(RuntimeError):
+  """The data set is not prepared and cannot be prepared offline; the message says how."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Builders and preparation.
+
+
+def _get(cfg, key, default=None):
+  try:
+    value = cfg[key] if isinstance(cfg, Mapping) else getattr(cfg, key)
+  except (KeyError, AttributeError):
+    return default
+  return default if value is None else value
+
+
+def _data_dir(data_config) -> str:
+  return os.path.expanduser(_get(data_config, "data_dir", tfds.core.constants.DATA_DIR))
+
+
+def _manual_dir(data_config) -> str:
+  manual = _get(data_config, "manual_dir")
+  if manual:
+    return os.path.expanduser(manual)
+  return os.path.join(_data_dir(data_config), "downloads", "manual")
+
+
+def _resolve_name(data_config) -> tuple[str, Optional[tfds.core.BuilderConfig]]:
+  """(tfds name, BuilderConfig object or None) for config.data."""
+  name = _get(data_config, "name")
+  if not name:
+    raise ValueError("config.data.name is empty")
+  if name == "lfm_digits":
+    return "lfm_digits", _lfm_digits.make_config(
+        int(_get(data_config, "image_size", 16)), int(_get(data_config, "channels", 1)))
+  if name == "ffhq":
+    size = int(_get(data_config, "image_size", 256))
+    stored = [c.resolution for c in _ffhq.Ffhq.BUILDER_CONFIGS]
+    return f"ffhq/{min([r for r in stored if r >= size] or [max(stored)])}", None
+  if name == "image_folder":
+    folder = _get(data_config, "image_folder")
+    if not folder:
+      raise ValueError("config.data.name == 'image_folder' needs config.data.image_folder")
+    return "lfm_image_folder", _image_folder.ImageFolderConfig(root_dir=folder)
+  return name, None
+
+
+def get_builder(data_config) -> tfds.core.DatasetBuilder:
+  """The tfds builder for config.data (not prepared; see `ensure_prepared`)."""
+  name, config = _resolve_name(data_config)
+  kwargs = {"data_dir": _data_dir(data_config)}
+  if config is not None:
+    kwargs["config"] = config
+  try:
+    return tfds.builder(name, **kwargs)
+  except tfds.core.registered.DatasetNotFoundError as e:
+    raise DatasetNotAvailableError(
+        f"tfds knows no data set {name!r} (config.data.name). {e}") from e
+
+
+def _tfds_is_mocked() -> bool:
+  """True inside `tfds.testing.mock_data` (whose builders read fake data)."""
+  fn = tfds.core.DatasetBuilder.download_and_prepare
+  return getattr(fn, "__module__", "").startswith("tensorflow_datasets.testing")
+
+
+def _base_name(builder) -> str:
+  return builder.name
+
+
+def _manual_requirements(builder, manual_dir: str) -> Optional[tuple[bool, str]]:
+  """For manual-download data sets: (files present?, what to put where). None otherwise."""
+  name = _base_name(builder)
+  if name == "celeb_a_hq":
+    fname = builder.builder_config.file_name
+    return os.path.exists(os.path.join(manual_dir, fname)), (
+        f"put {fname} (CelebA-HQ at {builder.builder_config.resolution}px, made with "
+        f"https://github.com/tkarras/progressive_growing_of_gans dataset_tool.py) in "
+        f"{manual_dir}")
+  if name == "imagenet2012":
+    files = ("ILSVRC2012_img_train.tar", "ILSVRC2012_img_val.tar")
+    return all(os.path.exists(os.path.join(manual_dir, f)) for f in files), (
+        f"put {' and '.join(files)} (from https://image-net.org/download-images, after "
+        f"registering) in {manual_dir}")
+  if name == "ffhq":
+    return bool(_ffhq.find_pngs(manual_dir)), (
+        f"put the official FFHQ PNGs (https://github.com/NVlabs/ffhq-dataset: "
+        f"`python download_ffhq.py --images` -> images1024x1024/00000/00000.png ...) in "
+        f"{manual_dir}/images1024x1024/")
+  instructions = getattr(builder, "MANUAL_DOWNLOAD_INSTRUCTIONS", None)
+  if instructions:
+    present = os.path.isdir(manual_dir) and bool(os.listdir(manual_dir))
+    return present, f"put the files in {manual_dir}: {' '.join(instructions.split())}"
+  return None
+
+
+def ensure_prepared(builder, data_config) -> None:
+  """Prepares `builder` if that needs no network; else raises DatasetNotAvailableError at once.
+
+  Never calls into tfds' download machinery for data sets that need a download (tfds would
+  retry for minutes offline) and never asks GCS for a pre-built copy.
+  """
+  if _tfds_is_mocked() or builder.is_prepared():
+    return
+  name = _base_name(builder)
+  full = f"{name}/{builder.builder_config.name}" if builder.builder_config else name
+  manual_dir = _manual_dir(data_config)
+  offline = name in ("lfm_digits", "lfm_image_folder")
+  manual = None if offline else _manual_requirements(builder, manual_dir)
+  if manual is not None and not manual[0]:
+    raise DatasetNotAvailableError(
+        f"Data set {full!r} is not prepared in {builder.data_dir} and its manual files are "
+        f"missing: {manual[1]} (config.data.manual_dir; default <data_dir>/downloads/manual). "
+        f"The first run then prepares it offline into {_data_dir(data_config)}.")
+  if not offline and manual is None:
+    data_dir = _data_dir(data_config)
+    extra = ("pip install tensorflow-io  # tfds' LSUN builder reads LMDB with it\n  "
+             if name == "lsun" else "")
+    raise DatasetNotAvailableError(
+        f"Data set {full!r} is not prepared in {builder.data_dir} and lfm_jax never downloads "
+        f"inside a pipeline. On a machine with network access run\n  {extra}"
+        f"tfds build {full} --data_dir={data_dir}\n"
+        f"(or: python -c \"import tensorflow_datasets as tfds; tfds.builder('{full}', "
+        f"data_dir='{data_dir}').download_and_prepare()\") and copy "
+        f"{os.path.join(data_dir, name)} here; or set config.data.data_dir to where a prepared "
+        f"copy lives.")
+  logging.info("Preparing %s into %s (offline).", full, builder.data_dir)
+  builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
+      manual_dir=manual_dir, try_download_gcs=False))
+
+
+def _prepared_builder(data_config):
+  builder = get_builder(data_config)
+  ensure_prepared(builder, data_config)
+  return builder
+
+
+def _split_size(builder, split: str) -> int:
+  splits = builder.info.splits
+  if split in splits:
+    return int(splits[split].num_examples)
+  if not splits:  # split sizes unknown (e.g. under tfds.testing.mock_data): count.
+    card = int(builder.as_dataset(split=split).cardinality())
+    if card >= 0:
+      return card
+  raise ValueError(f"{builder.name} has no split {split!r}; splits: {list(splits)}")
+
+
+def num_examples(data_config, split: str, builder=None) -> int:
+  """Examples in `split` (train split capped at data.max_train_examples: the first N)."""
+  builder = builder or _prepared_builder(data_config)
+  n = _split_size(builder, split)
+  cap = _get(data_config, "max_train_examples")
+  if cap and split == _get(data_config, "train_split", "train"):
+    n = min(n, int(cap))
+  return n
+
+
+def _num_classes(builder) -> int:
+  features = builder.info.features
+  label = features["label"] if "label" in features.keys() else None
+  if isinstance(label, tfds.features.ClassLabel):
+    return int(label.num_classes)
+  return 0
+
+
+def dataset_info(data_config) -> tuple[int, int, tuple[int, int, int]]:
+  """(examples in the train split, number of classes (0: unlabelled), (S, S, C) image shape)."""
+  builder = _prepared_builder(data_config)
+  n = num_examples(data_config, _get(data_config, "train_split", "train"), builder)
+  size = int(_get(data_config, "image_size", 16))
+  classes = _num_classes(builder)
+  wanted = _get(data_config, "num_classes")
+  if wanted is not None and int(wanted) != classes:
+    logging.warning("config.data.num_classes = %s but %s has %d classes", wanted,
+                    builder.name, classes)
+  return n, classes, (size, size, int(_get(data_config, "channels", 3)))
+
+
+# ---------------------------------------------------------------------------------------------
+# Preprocessing.
+
+
+def _center_crop(image, size: int):
+  h, w = tf.shape(image)[0], tf.shape(image)[1]
+  return tf.image.crop_to_bounding_box(image, (h - size) // 2, (w - size) // 2, size, size)
+
+
+def _resize_shorter(image, size: int, method: str):
+  h = tf.cast(tf.shape(image)[0], tf.float64)
+  w = tf.cast(tf.shape(image)[1], tf.float64)
+  scale = size / tf.minimum(h, w)
+  nh = tf.maximum(tf.cast(tf.round(h * scale), tf.int32), size)
+  nw = tf.maximum(tf.cast(tf.round(w * scale), tf.int32), size)
+  return tf.image.resize(image, tf.stack([nh, nw]), method=method, antialias=True)
+
+
+def preprocess_image(image, *, image_size: int, channels: int, crop: str = "none"):
+  """uint8 (H, W, c) -> float32 (S, S, channels) in [-1, 1] (see the module docstring)."""
+  if crop not in _CROPS:
+    raise ValueError(f"config.data.crop must be one of {_CROPS}, got {crop!r}")
+  size = int(image_size)
+  in_channels = image.shape[-1]
+  image = tf.cast(image, tf.float32)
+  if crop == "none":
+    static = image.shape[0] == size and image.shape[1] == size
+    if not static:
+      image = tf.image.resize(image, [size, size], method="bilinear", antialias=True)
+  elif crop == "center":
+    image = _center_crop(_resize_shorter(image, size, "bilinear"), size)
+  else:  # ADM's center_crop_arr: BOX halving, BICUBIC to shorter side S, uint8, centre crop.
+    def small_enough(im):
+      return tf.minimum(tf.shape(im)[0], tf.shape(im)[1]) < 2 * size
+
+    def halve(im):  # PIL's BOX resize to (h // 2, w // 2), rounded to uint8 like PIL.
+      in_size = tf.shape(im)[:2]
+      out_size = in_size // 2
+      scale = tf.cast(out_size, tf.float32) / tf.cast(in_size, tf.float32)
+      out = tf.raw_ops.ScaleAndTranslate(
+          images=im[None], size=out_size, scale=scale, translation=tf.zeros([2]),
+          kernel_type="box", antialias=True)[0]
+      return [tf.clip_by_value(tf.round(out), 0.0, 255.0)]
+
+    image = tf.while_loop(lambda im: tf.logical_not(small_enough(im)), halve, [image],
+                          shape_invariants=[tf.TensorShape([None, None, in_channels])])[0]
+    image = tf.clip_by_value(tf.round(_resize_shorter(image, size, "bicubic")), 0.0, 255.0)
+    image = _center_crop(image, size)
+  image = tf.ensure_shape(tf.reshape(image, [size, size, in_channels]),
+                          [size, size, in_channels])
+  if channels == 1 and in_channels == 3:
+    image = tf.image.rgb_to_grayscale(image)
+  elif channels == 3 and in_channels == 1:
+    image = tf.image.grayscale_to_rgb(image)
+  elif channels != in_channels:
+    raise ValueError(f"cannot convert {in_channels} image channels to {channels}")
+  return tf.clip_by_value(image / 127.5 - 1.0, -1.0, 1.0)
+
+
+# ---------------------------------------------------------------------------------------------
+# Per-host split and the tf.data pipeline.
+
+
+def _process(process_index, process_count) -> tuple[int, int]:
+  if process_index is None or process_count is None:
+    import jax  # pylint: disable=g-import-not-at-top
+
+    process_index = jax.process_index() if process_index is None else process_index
+    process_count = jax.process_count() if process_count is None else process_count
+  if not 0 <= process_index < process_count:
+    raise ValueError(f"process_index {process_index} not in [0, {process_count})")
+  return int(process_index), int(process_count)
+
+
+def host_range(n: int, process_index: int, process_count: int) -> tuple[int, int]:
+  """[start, end) of host `process_index`'s even share of n items (first hosts get the rest)."""
+  base, rest = divmod(n, process_count)
+  start = process_index * base + min(process_index, rest)
+  return start, start + base + (1 if process_index < rest else 0)
+
+
+def _mix_seed(*values: int) -> int:
+  s = 0
+  for v in values:
+    s = (s * 1_000_003 + int(v) + 0x9E3779B9) % (1 << 62)
+  return s
+
+
+def create_dataset(data_config, split: str, *, batch_size: int, shuffle: bool, seed: int,
+                   repeat: bool, drop_remainder: bool = True,
+                   process_index: Optional[int] = None, process_count: Optional[int] = None,
+                   ids: Optional[Sequence[int]] = None, augment: Optional[bool] = None,
+                   start_batch: int = 0) -> tf.data.Dataset:
+  """Batched {"image", "label", "id"} for this host (see the module docstring).
+
+  Args:
+    data_config: config.data.
+    split: a split name ("train", "test", "validation", ...).
+    batch_size: GLOBAL batch size; this host yields batch_size // process_count rows.
+    shuffle: shuffle (deterministically from `seed`, a new order every epoch).
+    seed: shuffling and flip seed.
+    repeat: repeat forever (epochs follow each other; batches may straddle them).
+    drop_remainder: drop a final partial batch (only matters when repeat is False).
+    process_index, process_count: this host and the host count (default: jax's).
+    ids: optional example ids (indices in the split) to read; the others are never decoded,
+      and the hosts split the kept ids evenly.
+    augment: apply data.random_flip; default: `shuffle` (training pipelines).
+    start_batch: skip this many batches of this host's stream (exact resume); costs reading at
+      most one epoch of (undecoded) records.
+  """
+  process_index, process_count = _process(process_index, process_count)
+  if batch_size % process_count:
+    raise ValueError(f"global batch_size {batch_size} is not divisible by the "
+                     f"{process_count} processes")
+  host_batch = batch_size // process_count
+  builder = _prepared_builder(data_config)
+  n = num_examples(data_config, split, builder)
+
+  if ids is None:
+    lo, hi = host_range(n, process_index, process_count)
+    mask = None
+    host_n = hi - lo
+  else:
+    kept = np.unique(np.asarray(ids, dtype=np.int64))
+    if kept.size and (kept[0] < 0 or kept[-1] >= n):
+      raise ValueError(f"ids must lie in [0, {n}) for split {split!r}")
+    a, b = host_range(kept.size, process_index, process_count)
+    host_ids = kept[a:b]
+    host_n = int(host_ids.size)
+    lo, hi = (int(host_ids[0]), int(host_ids[-1]) + 1) if host_n else (0, 0)
+    mask = np.zeros(hi - lo, bool)
+    mask[host_ids - lo] = True
+  if host_n == 0:
+    raise ValueError(f"process {process_index} of {process_count} has no examples of split "
+                     f"{split!r} ({n} examples, {None if ids is None else len(ids)} ids)")
+
+  image_feature = builder.info.features["image"]
+  has_label = "label" in builder.info.features.keys()
+  ds = builder.as_dataset(
+      split=f"{split}[{lo}:{hi}]", shuffle_files=False,
+      decoders={"image": tfds.decode.SkipDecoding()},
+      read_config=tfds.ReadConfig(interleave_cycle_length=1, try_autocache=False))
+  ds = ds.take(hi - lo).enumerate(start=lo)  # take: mocks ignore the slice.
+  ds = ds.map(lambda i, ex: {
+      "image": ex["image"],
+      "label": tf.cast(ex["label"], tf.int32) if has_label else tf.constant(0, tf.int32),
+      "id": tf.cast(i, tf.int64)})
+  if mask is not None:
+    mask_t = tf.constant(mask)
+    ds = ds.filter(lambda ex: tf.gather(mask_t, ex["id"] - lo))
+  base = ds
+
+  position = int(start_batch) * host_batch  # examples of this host's stream already consumed
+  first_epoch, offset = divmod(position, host_n)
+  if not repeat and first_epoch > 0:
+    first_epoch, offset = 0, host_n  # past the end: empty
+  last_epoch = np.iinfo(np.int64).max if repeat else 1
+  buffer = int(_get(data_config, "shuffle_buffer", 10_000))
+  seed_host = _mix_seed(seed, process_index)
+
+  def one_epoch(epoch):
+    d = base
+    if shuffle:
+      d = d.shuffle(min(buffer, host_n), seed=seed_host + epoch * 7919,
+                    reshuffle_each_iteration=False)
+    return d.map(lambda ex: dict(ex, epoch=epoch))
+
+  ds = tf.data.Dataset.range(first_epoch, last_epoch).flat_map(one_epoch).skip(offset)
+
+  size = int(_get(data_config, "image_size", 16))
+  channels = int(_get(data_config, "channels", 3))
+  crop = _get(data_config, "crop", "none")
+  flip = bool(_get(data_config, "random_flip", False)) and (
+      shuffle if augment is None else augment)
+  flip_seed = tf.constant([seed, 0x5EED], tf.int64)
+
+  def prepare(ex):
+    image = image_feature.decode_example(ex["image"])
+    image = preprocess_image(image, image_size=size, channels=channels, crop=crop)
+    if flip:
+      key = tf.random.experimental.stateless_fold_in(
+          tf.random.experimental.stateless_fold_in(flip_seed, ex["epoch"]), ex["id"])
+      image = tf.cond(tf.random.stateless_uniform([], seed=key) < 0.5,
+                      lambda: image[:, ::-1, :], lambda: image)
+    return {"image": image, "label": ex["label"], "id": ex["id"]}
+
+  ds = ds.map(prepare, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+  ds = ds.batch(host_batch, drop_remainder=drop_remainder)
+  options = tf.data.Options()
+  options.deterministic = True
+  ds = ds.with_options(options)
+  return ds.prefetch(tf.data.AUTOTUNE)
+
+
+def iterate_numpy(ds: tf.data.Dataset) -> Iterator[dict[str, np.ndarray]]:
+  """Numpy batches of a tf.data pipeline."""
+  return iter(tfds.as_numpy(ds))
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpointable iterators.
+
+
+def _check_state(kind: str, state: Mapping[str, Any], expected: Mapping[str, int], strict: bool):
+  for key, value in expected.items():
+    if key in state and int(state[key]) != int(value):
+      msg = (f"{kind}.restore: state has {key}={int(state[key])} but this iterator has "
+             f"{key}={int(value)}; the resumed stream would differ")
+      if strict:
+        raise ValueError(msg)
+      logging.warning(msg)
+
+
+class ResumableIterator:
+  """Numpy batches of `create_dataset` with an exact, checkpointable position.
+
+  `state()` is a dict of ints; `restore(state)` (or `state=` in the constructor) makes the next
+  batch the one an uninterrupted iterator would have produced after `state["batch"]` batches.
+  """
+
+  def __init__(self, data_config, split: str, *, batch_size: int, shuffle: bool, seed: int,
+               repeat: bool, drop_remainder: bool = True,
+               process_index: Optional[int] = None, process_count: Optional[int] = None,
+               ids: Optional[Sequence[int]] = None, augment: Optional[bool] = None,
+               state: Optional[Mapping[str, int]] = None):
+    self._process_index, self._process_count = _process(process_index, process_count)
+    self._data_config = data_config
+    self._split = split
+    self._kwargs = dict(batch_size=batch_size, shuffle=shuffle, seed=seed, repeat=repeat,
+                        drop_remainder=drop_remainder, ids=ids, augment=augment,
+                        process_index=self._process_index,
+                        process_count=self._process_count)
+    self._batch = 0
+    self._it = None
+    if state is not None:
+      self.restore(state)
+
+  def _fingerprint(self) -> dict[str, int]:
+    return {"seed": int(self._kwargs["seed"]), "batch_size": int(self._kwargs["batch_size"]),
+            "process_count": self._process_count}
+
+  def state(self) -> dict[str, int]:
+    return {"batch": self._batch, **self._fingerprint()}
+
+  def restore(self, state: Mapping[str, int], strict: bool = True) -> "ResumableIterator":
+    _check_state("ResumableIterator", state, self._fingerprint(), strict)
+    self._batch = int(state["batch"])
+    self._it = None  # rebuilt lazily at the new position
+    return self
+
+  def __iter__(self):
+    return self
+
+  def __next__(self) -> dict[str, np.ndarray]:
+    if self._it is None:
+      self._it = iterate_numpy(create_dataset(
+          self._data_config, self._split, start_batch=self._batch, **self._kwargs))
+    batch = next(self._it)
+    self._batch += 1
+    return batch
+
+
+class ArrayIterator:
+  """Batches of in-memory arrays (dict, leading example axis) with the ResumableIterator contract.
+
+  Epoch e's order is a permutation drawn from (seed, e); the stream of epochs is cut into global
+  batches of `batch_size` (batches may straddle epochs when repeating) and this host gets rows
+  [i * B/P, (i + 1) * B/P) of each. `restore` is O(1).
+  """
+
+  def __init__(self, arrays: Mapping[str, np.ndarray], *, batch_size: int, seed: int = 0,
+               shuffle: bool = True, repeat: bool = True, drop_remainder: bool = True,
+               process_index: Optional[int] = None, process_count: Optional[int] = None,
+               state: Optional[Mapping[str, int]] = None):
+    self._arrays = {k: np.asarray(v) for k, v in arrays.items()}
+    sizes = {v.shape[0] for v in self._arrays.values()}
+    if len(sizes) != 1:
+      raise ValueError(f"arrays need one leading size, got {sizes}")
+    self._n = sizes.pop()
+    if self._n == 0:
+      raise ValueError("ArrayIterator over empty arrays")
+    self._process_index, self._process_count = _process(process_index, process_count)
+    if batch_size % self._process_count:
+      raise ValueError(f"global batch_size {batch_size} is not divisible by the "
+                       f"{self._process_count} processes")
+    self._batch_size = int(batch_size)
+    self._seed = int(seed)
+    self._shuffle, self._repeat, self._drop = shuffle, repeat, drop_remainder
+    self._orders: dict[int, np.ndarray] = {}
+    self._batch = 0
+    if state is not None:
+      self.restore(state)
+
+  @property
+  def num_examples(self) -> int:
+    return self._n
+
+  def _order(self, epoch: int) -> np.ndarray:
+    if epoch not in self._orders:
+      if len(self._orders) > 2:
+        self._orders.pop(min(self._orders))
+      self._orders[epoch] = (
+          np.random.default_rng([self._seed, epoch]).permutation(self._n)
+          if self._shuffle else np.arange(self._n))
+    return self._orders[epoch]
+
+  def _fingerprint(self) -> dict[str, int]:
+    return {"seed": self._seed, "batch_size": self._batch_size,
+            "process_count": self._process_count}
+
+  def state(self) -> dict[str, int]:
+    return {"batch": self._batch, **self._fingerprint()}
+
+  def restore(self, state: Mapping[str, int], strict: bool = True) -> "ArrayIterator":
+    _check_state("ArrayIterator", state, self._fingerprint(), strict)
+    self._batch = int(state["batch"])
+    return self
+
+  def __iter__(self):
+    return self
+
+  def __next__(self) -> dict[str, np.ndarray]:
+    start = self._batch * self._batch_size
+    size = self._batch_size
+    if not self._repeat:
+      size = min(size, self._n - start)
+      if size <= 0 or (self._drop and size < self._batch_size):
+        raise StopIteration
+    a, b = host_range(size, self._process_index, self._process_count)
+    pos = np.arange(start + a, start + b)
+    epochs, offsets = np.divmod(pos, self._n)
+    idx = np.empty_like(pos)
+    for e in np.unique(epochs):
+      sel = epochs == e
+      idx[sel] = self._order(int(e))[offsets[sel]]
+    self._batch += 1
+    return {k: v[idx] for k, v in self._arrays.items()}
