@@ -36,7 +36,9 @@ def get_config():
   # Train on a scored, pruned subset (lfm_jax/scoring.py). ratio = fraction REMOVED.
   data.subset = ml_collections.ConfigDict()
   data.subset.scores = None  # path to a scores file written by the `score` mode
-  data.subset.rule = "highest"  # highest | lowest | random | proportional_nearest | proportional_furthest | balanced
+  # highest | lowest | random | proportional_nearest | proportional_furthest | balanced |
+  # balanced_nearest | balanced_furthest | kcenter | herding (see lfm_jax/scoring.py).
+  data.subset.rule = "highest"
   data.subset.ratio = 0.0
 
   # --- First-stage autoencoder (models/autoencoder.py, autoencoder_train.py, latents.py).
@@ -62,6 +64,9 @@ def get_config():
   # --- Velocity network (models/unet.py, models/dit.py).
   config.model = model = ml_collections.ConfigDict()
   model.name = "unet"  # unet | dit
+  model.dit_preset = None  # for dit: "S/2", "B/2", "L/2", "XL/2" (also /4, /8)
+  model.time_convention = "lfm"  # lfm | sit (a network trained with t = 0 noise; translated at load)
+  model.learn_null_class = True  # False: the null label is a zero embedding (converted ADM weights)
   model.model_channels = 32
   model.channel_mult = (1, 2)
   model.num_res_blocks = 1
@@ -132,12 +137,13 @@ def get_config():
   sc.num_times = 10
   sc.num_noises = 2
   sc.batch_size = 256
+  sc.model_workdir = None  # loss/gradient scores: workdir of the (small) scoring model; None: this one
 
   # --- Stability (`stability` mode) and coarse-to-fine sampling.
   config.stability = st = ml_collections.ConfigDict()
   st.other_workdir = None  # the second model's workdir (same-seed comparison)
   st.num_samples = 256
-  st.embedding = "digits_classifier"
+  st.embedding = "digits_classifier"  # digits_classifier | autoencoder | inception | "" (pixels)
   config.coarse_to_fine = c2f = ml_collections.ConfigDict()
   c2f.light_workdir = None  # workdir (or checkpoint dir) of the light model; None disables
   c2f.light_fraction = 0.7  # share of the trajectory from the noise end run by the light model

@@ -1,0 +1,69 @@
+"""lfm_jax command line: `python -m lfm_jax.main --config=configs/default.py --workdir=DIR`.
+
+Flags -> one function per mode (lfm_jax/stages.py); no logic of its own. Every config value can be
+overridden: `--config.train.num_steps=500`. `--mode` overrides config.mode.
+"""
+
+import os
+import sys
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+from absl import app  # noqa: E402
+from absl import flags  # noqa: E402
+from absl import logging  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file("config", None, "Config file (ml_collections, get_config()).",
+                                lock_config=True)
+flags.DEFINE_string("workdir", None, "Working directory (local path or gs://).")
+flags.DEFINE_enum("mode", None, ["pipeline", "autoencoder", "encode", "train", "sample",
+                                 "evaluate", "score", "stability"],
+                  "What to run; default: config.mode.")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+  from lfm_jax import stages  # pylint: disable=g-import-not-at-top
+  config = FLAGS.config
+  if FLAGS.mode:
+    with config.unlocked():
+      config.mode = FLAGS.mode
+  try:
+    stages.run(config, FLAGS.workdir)
+  except stages.UserError as e:
+    logging.error("%s", e)
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(2)
+
+
+def _fail(message: str):
+  print(f"error: {message}", file=sys.stderr)
+  sys.exit(2)
+
+
+def parse_flags(argv):
+  """absl flag parsing with one-line errors for bad config overrides."""
+  try:
+    return FLAGS(argv)
+  except flags.Error as e:
+    _fail(str(e).splitlines()[0])
+  except (AttributeError, KeyError) as e:
+    # ml_collections raises these for an override of a key the config does not have.
+    name = str(e).strip("\"' ")
+    keys = [a.split("=")[0].lstrip("-") for a in argv if a.startswith("--config.")]
+    bad = [k for k in keys if k.split(".")[-1] == name or f".{name}." in k + "."] or keys
+    _fail(f"unknown config key {bad[0] if bad else name!r}: not in the config "
+          "(every key is declared in configs/default.py)")
+
+
+def run():
+  """Console-script entry point (`lfm-jax`)."""
+  app.run(main, flags_parser=parse_flags)
+
+
+if __name__ == "__main__":
+  run()
