@@ -146,3 +146,25 @@ def test_converter_is_strict(tmp_path, torch_reference):
                                 sd["Conv2d_1a_3x3.conv.weight"].permute(2, 3, 1, 0).numpy())
   with pytest.raises(FileNotFoundError, match="pt_inception-2015-12-05"):
     load_inception(str(tmp_path / "absent.pth"))
+
+
+def test_inception_feature_extractor_protocol(tmp_path, torch_reference):
+  """[-1, 1] grey images through get_feature_extractor("inception") == torch-fidelity on the
+  uint8 RGB images they would be saved as."""
+  torch = pytest.importorskip("torch")
+  from lfm_jax.metrics.features import get_feature_extractor
+
+  model, _ = torch_reference
+  path = tmp_path / "pt_inception.pth"
+  torch.save(model.state_dict(), path)
+  extractor = get_feature_extractor("inception", weights_path=str(path))
+  assert extractor.name == "inception" and extractor.dim == 2048
+  u8 = np.random.default_rng(1).integers(0, 256, size=(2, 32, 32, 1), dtype=np.uint8)
+  images = u8.astype(np.float32) / 127.5 - 1.0
+  ours = np.asarray(extractor(images))
+  rgb = torch.from_numpy(np.repeat(u8, 3, axis=-1)).permute(0, 3, 1, 2).contiguous()
+  with torch.no_grad():
+    ref = model(rgb)[0].numpy()
+  err = np.abs(ours - ref).max()
+  print(f"inception extractor protocol: max abs err {err:.3g}")
+  assert err < 1e-3

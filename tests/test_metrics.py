@@ -71,6 +71,9 @@ def test_feature_stats_sharded_equals_single_pass():
   # format round-trips float64 exactly.
   g = allgather_stats(pooled)
   assert g is not pooled and g.n == pooled.n and np.array_equal(g.sum_outer, pooled.sum_outer)
+  g = allgather_stats(pooled, always_gather=True)  # through process_allgather
+  assert g.n == pooled.n and np.array_equal(g.sum, pooled.sum)
+  assert np.array_equal(g.sum_outer, pooled.sum_outer)
   from lfm_jax.metrics.fid import _f64_to_u32, _u32_to_f64
   assert np.array_equal(_u32_to_f64(_f64_to_u32(pooled.sum_outer)), pooled.sum_outer)
 

@@ -124,11 +124,12 @@ class InceptionFeatureExtractor(FeatureExtractor):
     from lfm_jax.models.inception import images_to_uint8_range
 
     module, variables = load_inception(weights_path)
-    variables = jax.tree_util.tree_map(jnp.asarray, variables)
+    self.module = module
+    self.variables = jax.tree_util.tree_map(jnp.asarray, variables)
     self.quantize = quantize
 
     @jax.jit
-    def fn(images):
+    def fn(variables, images):  # weights are an argument, not ~90 MB of baked-in constants
       return module.apply(variables, images_to_uint8_range(images, quantize=quantize))
 
     self._fn = fn
@@ -137,7 +138,7 @@ class InceptionFeatureExtractor(FeatureExtractor):
     images = jnp.asarray(images, jnp.float32)
     if images.ndim != 4 or images.shape[-1] not in (1, 3):
       raise ValueError(f"expected (B, H, W, 1 or 3) images in [-1, 1], got {images.shape}")
-    return self._fn(images)
+    return self._fn(self.variables, images)
 
 
 def _inception_factory(weights_path: Optional[str] = None, inception_weights: Optional[str] = None,

@@ -80,30 +80,32 @@ def _u32_to_f64(a: np.ndarray) -> np.ndarray:
   return np.ascontiguousarray(a, dtype=np.uint32).view(np.float64)
 
 
-def allgather_stats(stats: FeatureStats) -> FeatureStats:
+def allgather_stats(stats: FeatureStats, always_gather: bool = False) -> FeatureStats:
   """Exact pooled statistics over all JAX processes (every process gets the same result).
 
   Each process passes its local `FeatureStats`; the sums are gathered with
-  `jax.experimental.multihost_utils.process_allgather` and added. The float64 / int64 values are
+  `jax.experimental.multihost_utils.process_allgather` and added. The float64 values are
   bit-cast to uint32 for the transfer, so nothing is rounded even with jax_enable_x64 off.
-  With one process this returns a copy of `stats`.
+  With one process this returns a copy of `stats` (unless `always_gather`, used by tests).
+  Must be called by every process (it is a collective).
   """
   import jax
   from jax.experimental import multihost_utils
 
-  if jax.process_count() == 1:
+  if jax.process_count() == 1 and not always_gather:
     return stats.copy()
   local = {
       "n": _f64_to_u32(np.array([stats.n], np.float64)),  # exact for n < 2**53
       "sum": _f64_to_u32(stats.sum),
       "sum_outer": _f64_to_u32(stats.sum_outer),
   }
-  gathered = multihost_utils.process_allgather(local, tiled=False)
+  gathered = jax.tree_util.tree_map(np.asarray,
+                                    multihost_utils.process_allgather(local, tiled=False))
   out = FeatureStats(stats.dim)
-  for i in range(np.asarray(gathered["n"]).shape[0]):
-    out.n += int(_u32_to_f64(np.asarray(gathered["n"][i]))[0])
-    out.sum += _u32_to_f64(np.asarray(gathered["sum"][i]))
-    out.sum_outer += _u32_to_f64(np.asarray(gathered["sum_outer"][i]))
+  for i in range(gathered["n"].shape[0]):  # leading axis: process index
+    out.n += int(_u32_to_f64(gathered["n"][i])[0])
+    out.sum += _u32_to_f64(gathered["sum"][i])
+    out.sum_outer += _u32_to_f64(gathered["sum_outer"][i])
   return out
 
 
