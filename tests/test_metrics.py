@@ -128,12 +128,12 @@ def test_kid():
   # Identical sets: ~0 (slightly negative in expectation, because independently drawn subsets of
   # one set share points; torch-fidelity's estimator behaves the same).
   same = kid(real, real.copy(), **kw)
-  assert abs(same["kid_mean"]) < 0.02 and same["kid_std"] >= 0
+  assert abs(same["mean"]) < 0.02 and same["std"] >= 0
   other = kid(real, rng.normal(size=(2000, 32)), **kw)  # a fresh sample of the same law
-  assert abs(other["kid_mean"]) < 0.02
+  assert abs(other["mean"]) < 0.02
   shifted = kid(real, rng.normal(size=(2000, 32)) + 0.3, **kw)
-  assert shifted["kid_mean"] > 0.15 and shifted["kid_mean"] > 5 * shifted["kid_std"]
-  assert kid(real, real + 1.0, **kw)["kid_mean"] > 10 * shifted["kid_mean"]
+  assert shifted["mean"] > 0.15 and shifted["mean"] > 5 * shifted["std"]
+  assert kid(real, real + 1.0, **kw)["mean"] > 10 * shifted["mean"]
   assert kid(real, real, seed=3, **kw) == kid(real, real, seed=3, **kw)  # seeded
 
 
@@ -149,6 +149,9 @@ def test_inception_extractor_unavailable_message(tmp_path):
     feats_lib.get_feature_extractor("inception", weights_path=str(tmp_path / "nope.pth"))
   assert feats_lib.metric_name("fd", "inception") == "fid"
   assert feats_lib.metric_name("fd", "digits_classifier") == "fd_digits_classifier"
+  assert feats_lib.metric_name("kid", "inception") == "kid"
+  assert feats_lib.metric_name("kid", "digits_classifier") == "kd_digits_classifier"
+  assert feats_lib.metric_name("precision", "inception") == "precision_inception"
 
 
 def test_images_to_uint8_range():

@@ -14,7 +14,7 @@ Built in:
   (`train_digits_classifier(images, labels)`), saved/loaded as an .npz in a cache dir. Features
   are its penultimate layer (128-d); `.predict(images)` gives class ids for class agreement of
   conditional samples. Metrics in these features are named after it (`metric_name("fd", name)`
-  -> "fd_digits_classifier"), never "FID".
+  -> "fd_digits_classifier", `metric_name("kid", name)` -> "kd_digits_classifier"), never "FID".
 
 Others (e.g. an autoencoder-latent extractor) are added with
 `register_feature_extractor(name, factory)` where `factory(**kw) -> FeatureExtractor`, or by
@@ -72,14 +72,18 @@ class CallableFeatureExtractor(FeatureExtractor):
 
 
 def metric_name(kind: str, extractor_name: str) -> str:
-  """Metric label: ("fd", "inception") -> "fid"; ("fd", "digits_classifier") -> "fd_digits_classifier".
+  """Metric label that names the features it was computed in.
 
-  For other kinds ("kd", "precision", ...) the extractor name is always appended, except that
-  KD in Inception features is "kid".
+  Fréchet / kernel distances ("fd" or "fid", "kd" or "kid") are "fid" / "kid" only in the FID
+  Inception features, else "fd_<name>" / "kd_<name>" (e.g. "fd_digits_classifier"). Any other
+  kind is "<kind>_<name>" (e.g. "precision_inception").
   """
-  if extractor_name == "inception" and kind in ("fd", "kd"):
-    return {"fd": "fid", "kd": "kid"}[kind]
-  return f"{kind}_{extractor_name}"
+  base = {"fd": "fd", "fid": "fd", "kd": "kd", "kid": "kd"}.get(kind)
+  if base is None:
+    return f"{kind}_{extractor_name}"
+  if extractor_name == "inception":
+    return {"fd": "fid", "kd": "kid"}[base]
+  return f"{base}_{extractor_name}"
 
 
 # ----------------------------------------------------------------------------- registry

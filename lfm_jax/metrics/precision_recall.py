@@ -92,7 +92,7 @@ def _mmd2_unbiased(x: np.ndarray, y: np.ndarray, **kernel_kw) -> float:
 def kid(real_features, fake_features, num_subsets: int = 100, subset_size: int = 1000,
         degree: int = 3, coef0: float = 1.0, gamma: Optional[float] = None,
         seed: int = 0) -> Dict[str, float]:
-  """Kernel Inception Distance (or KD in any features) -> {"kid_mean": .., "kid_std": ..}.
+  """Kernel Inception Distance (or KD in any features) -> {"mean": .., "std": ..} over subsets.
 
   Unbiased MMD² between random subsets (without replacement; the subset size is clipped to the
   smaller set), `num_subsets` times, with a seeded numpy Generator.
@@ -110,7 +110,7 @@ def kid(real_features, fake_features, num_subsets: int = 100, subset_size: int =
     x = real[rng.choice(real.shape[0], m, replace=False)]
     y = fake[rng.choice(fake.shape[0], m, replace=False)]
     vals[i] = _mmd2_unbiased(x, y, degree=degree, coef0=coef0, gamma=gamma)
-  return {"kid_mean": float(vals.mean()), "kid_std": float(vals.std())}
+  return {"mean": float(vals.mean()), "std": float(vals.std())}
 
 
 __all__ = ("precision_recall", "knn_radii", "kid", "polynomial_kernel")
