@@ -1,0 +1,274 @@
+"""Issue 10: PyTorch <-> Flax velocity-network converters (parity, round trip, strictness)."""
+
+import importlib
+import importlib.machinery
+import os
+import sys
+import types
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+
+from lfm_jax.converters import velocity as V
+from lfm_jax.converters.common import WeightConversionError
+from lfm_jax.models import SiTConventionWrapper
+from lfm_jax.models.dit import DiT
+from lfm_jax.models.unet import UNet
+
+TIMES = (0.0, 0.3, 0.7, 1.0)
+
+
+def _torchcfm_unet_module():
+  """torchcfm's guided-diffusion UNetModel without importing torchcfm/__init__ (needs POT)."""
+  torch = pytest.importorskip("torch")
+  del torch
+  if "torchcfm.models.unet.unet" in sys.modules:
+    return sys.modules["torchcfm.models.unet.unet"]
+  spec = importlib.machinery.PathFinder.find_spec("torchcfm")
+  if spec is None:
+    pytest.skip("torchcfm not installed")
+  root = os.path.dirname(spec.origin)
+  for name, path in (("torchcfm", root), ("torchcfm.models", os.path.join(root, "models"))):
+    if name not in sys.modules:
+      pkg = types.ModuleType(name)
+      pkg.__path__ = [path]
+      sys.modules[name] = pkg
+  return importlib.import_module("torchcfm.models.unet.unet")
+
+
+def _perturb_torch(model, seed=0, std=0.05):
+  import torch
+  g = torch.Generator().manual_seed(seed)
+  with torch.no_grad():
+    for p in model.parameters():
+      p.add_(torch.randn(p.shape, generator=g) * std)
+  model.eval()
+  return model
+
+
+def _perturb_jax(params, seed=0, std=0.05):
+  leaves, tree = jax.tree_util.tree_flatten(params)
+  keys = jax.random.split(jax.random.PRNGKey(seed), len(leaves))
+  leaves = [l + std * jax.random.normal(k, l.shape, l.dtype) for l, k in zip(leaves, keys)]
+  return jax.tree_util.tree_unflatten(tree, leaves)
+
+
+def _cfg(**kw):
+  c = ml_collections.ConfigDict()
+  c.name = kw.pop("name", "unet")
+  c.num_classes = 0
+  c.num_heads = 1
+  c.num_head_channels = -1
+  c.time_convention = "lfm"
+  c.update(kw)
+  return c
+
+
+def _sd_numpy(model):
+  return {k: v.detach().cpu().numpy() for k, v in model.state_dict().items()}
+
+
+# ----------------------------------------------------------------------------- U-Net
+
+
+@pytest.mark.parametrize("num_classes,new_order", [(10, False), (0, False), (10, True)])
+def test_unet_parity_with_torchcfm(num_classes, new_order):
+  import torch
+  unet_mod = _torchcfm_unet_module()
+  torch.manual_seed(0)
+  ref = unet_mod.UNetModel(
+      image_size=8, in_channels=4, model_channels=32, out_channels=4, num_res_blocks=1,
+      attention_resolutions=(2,), channel_mult=(1, 2), num_classes=num_classes or None,
+      num_heads=2, use_scale_shift_norm=True, use_new_attention_order=new_order)
+  _perturb_torch(ref)
+  cfg = _cfg(num_classes=num_classes, num_heads=2, use_new_attention_order=new_order)
+  module, params = V.unet_state_dict_to_params(_sd_numpy(ref), cfg)
+  assert isinstance(module, UNet)
+  assert module.channel_mult == (1, 2) and module.num_res_blocks == 1
+  assert module.attention_resolutions == (2,) and module.num_classes == num_classes
+  assert not (num_classes and module.learn_null_class)
+
+  rng = np.random.RandomState(0)
+  x = rng.randn(4, 4, 8, 8).astype(np.float32)
+  y = np.array([0, 3, 9, 5]) if num_classes else None
+  apply = jax.jit(lambda p, x, t, y: module.apply({"params": p}, x, t, y=y))
+  errs = []
+  for tv in TIMES:
+    t = np.full((4,), tv, np.float32)
+    with torch.no_grad():
+      want = ref(torch.from_numpy(t), torch.from_numpy(x),
+                 y=None if y is None else torch.from_numpy(y)).numpy()
+    got = np.asarray(apply(params, jnp.asarray(x.transpose(0, 2, 3, 1)), jnp.asarray(t),
+                           None if y is None else jnp.asarray(y)))
+    errs.append(np.abs(got.transpose(0, 3, 1, 2) - want).max())
+    assert np.abs(want).max() > 1e-2  # not a trivially zero network
+  print(f"U-Net parity (classes={num_classes}, new_order={new_order}): max abs err "
+        f"{max(errs):.2e}")
+  assert max(errs) < 1e-4
+
+  if num_classes:
+    # Null label (index num_classes) == the torch network with a zero label embedding.
+    t = np.full((4,), 0.4, np.float32)
+    with torch.no_grad():
+      ref.label_emb.weight.zero_()
+      want = ref(torch.from_numpy(t), torch.from_numpy(x), y=torch.zeros(4, dtype=torch.long))
+    got = apply(params, jnp.asarray(x.transpose(0, 2, 3, 1)), jnp.asarray(t), None)
+    assert np.abs(np.asarray(got).transpose(0, 3, 1, 2) - want.numpy()).max() < 1e-4
+
+
+def test_unet_round_trip_and_file(tmp_path):
+  module = UNet(model_channels=32, channel_mult=(1, 2), num_res_blocks=1,
+                attention_resolutions=(2,), attention_semantics="downsample", num_heads=2,
+                num_classes=10, learn_null_class=True, extra_in_channels=2)
+  x = jnp.zeros((1, 8, 8, 4))
+  params = module.init(jax.random.PRNGKey(0), x, jnp.zeros((1,)), cond=jnp.zeros((1, 8, 8, 2)))
+  params = _perturb_jax(params["params"])
+  path = tmp_path / "unet.safetensors"
+  sd = V.export_velocity_checkpoint(module, params, str(path))
+  assert sd["input_blocks.0.0.weight"].shape == (32, 6, 3, 3)
+  assert sd["label_emb.weight"].shape == (11, 128)
+  cfg = _cfg(num_classes=10, num_heads=2)
+  module2, params2 = V.load_velocity_checkpoint(str(path), cfg)
+  assert module2.learn_null_class and module2.num_classes == 10
+  assert module2.extra_in_channels == 2
+  jax.tree_util.tree_map(lambda a, b: np.testing.assert_array_equal(a, b), params, params2)
+  # .pt through torch as well
+  pytest.importorskip("torch")
+  V.export_velocity_checkpoint(module2, params2, str(tmp_path / "unet.pt"))
+  _, params3 = V.load_velocity_checkpoint(str(tmp_path / "unet.pt"), cfg)
+  jax.tree_util.tree_map(lambda a, b: np.testing.assert_array_equal(a, b), params, params3)
+
+
+def test_unet_strict_errors_name_every_key():
+  module = UNet(model_channels=32, channel_mult=(1, 2), num_res_blocks=1, num_classes=0)
+  params = jax.eval_shape(lambda: module.init(jax.random.PRNGKey(0), jnp.zeros((1, 8, 8, 4)),
+                                              jnp.zeros((1,))))["params"]
+  params = jax.tree_util.tree_map(lambda s: np.zeros(s.shape, np.float32), params)
+  sd = V.params_to_state_dict(params, module)
+  sd = dict(sd)
+  del sd["middle_block.1.qkv.bias"]
+  sd["input_blocks.1.0.in_layers.2.weight"] = np.zeros((32, 32, 3, 1), np.float32)
+  sd["bogus.weight"] = np.zeros((3,), np.float32)
+  with pytest.raises(WeightConversionError) as err:
+    V.state_dict_to_params(sd, module, in_channels=4, source="test.pt")
+  msg = str(err.value)
+  assert "missing key: middle_block.1.qkv.bias" in msg
+  assert "unexpected key: bogus.weight" in msg
+  assert "wrong shape: input_blocks.1.0.in_layers.2.weight" in msg
+
+
+# ----------------------------------------------------------------------------- DiT
+
+
+def _facebook_to_diffusers(sd, depth):
+  """Public facebook-DiT -> diffusers DiTTransformer2DModel key correspondence."""
+  out = {"pos_embed.proj.weight": sd["x_embedder.proj.weight"],
+         "pos_embed.proj.bias": sd["x_embedder.proj.bias"],
+         "proj_out_1.weight": sd["final_layer.adaLN_modulation.1.weight"],
+         "proj_out_1.bias": sd["final_layer.adaLN_modulation.1.bias"],
+         "proj_out_2.weight": sd["final_layer.linear.weight"],
+         "proj_out_2.bias": sd["final_layer.linear.bias"]}
+  for i in range(depth):
+    d, f = f"transformer_blocks.{i}.", f"blocks.{i}."
+    emb = d + "norm1.emb."
+    for a, b in (("linear_1", "0"), ("linear_2", "2")):
+      for w in ("weight", "bias"):
+        out[f"{emb}timestep_embedder.{a}.{w}"] = sd[f"t_embedder.mlp.{b}.{w}"]
+    out[emb + "class_embedder.embedding_table.weight"] = sd["y_embedder.embedding_table.weight"]
+    for w in ("weight", "bias"):
+      out[f"{d}norm1.linear.{w}"] = sd[f"{f}adaLN_modulation.1.{w}"]
+      q, k, v = np.split(sd[f"{f}attn.qkv.{w}"], 3, axis=0)
+      out[f"{d}attn1.to_q.{w}"], out[f"{d}attn1.to_k.{w}"], out[f"{d}attn1.to_v.{w}"] = q, k, v
+      out[f"{d}attn1.to_out.0.{w}"] = sd[f"{f}attn.proj.{w}"]
+      out[f"{d}ff.net.0.proj.{w}"] = sd[f"{f}mlp.fc1.{w}"]
+      out[f"{d}ff.net.2.{w}"] = sd[f"{f}mlp.fc2.{w}"]
+  return out
+
+
+def test_dit_parity_with_diffusers_and_round_trip():
+  torch = pytest.importorskip("torch")
+  diffusers = pytest.importorskip("diffusers")
+  module = DiT(hidden_size=64, depth=2, num_heads=2, patch_size=2, num_classes=10)
+  x = np.random.RandomState(1).randn(4, 8, 8, 4).astype(np.float32)
+  params = module.init(jax.random.PRNGKey(0), jnp.asarray(x), jnp.zeros((4,)))["params"]
+  params = _perturb_jax(params, std=0.1)
+  sd = V.dit_params_to_state_dict(params, module, latent_size=8)
+  assert sd["pos_embed"].shape == (1, 16, 64)
+
+  ref = diffusers.DiTTransformer2DModel(
+      num_attention_heads=2, attention_head_dim=32, in_channels=4, out_channels=4,
+      num_layers=2, sample_size=8, patch_size=2, num_embeds_ada_norm=10, norm_eps=1e-6)
+  missing, unexpected = ref.load_state_dict(
+      {k: torch.from_numpy(np.array(v)) for k, v in _facebook_to_diffusers(sd, 2).items()},
+      strict=True)
+  assert not missing and not unexpected
+  # facebook's timestep embedding divides the frequency exponent by `half`; diffusers' DiT
+  # uses downscale_freq_shift=1 (half - 1). Use facebook's (our) definition on both sides.
+  for blk in ref.transformer_blocks:
+    blk.norm1.emb.time_proj.downscale_freq_shift = 0
+  ref.eval()
+
+  apply = jax.jit(lambda p, x, t, y: module.apply({"params": p}, x, t, y=y))
+  errs = []
+  for labels in (np.array([0, 3, 9, 5]), None):
+    for tv in TIMES:
+      t = np.full((4,), tv, np.float32)
+      yt = labels if labels is not None else np.full((4,), 10)
+      with torch.no_grad():
+        want = ref(torch.from_numpy(x.transpose(0, 3, 1, 2)), timestep=torch.from_numpy(t),
+                   class_labels=torch.from_numpy(yt)).sample.numpy()
+      got = np.asarray(apply(params, jnp.asarray(x), jnp.asarray(t),
+                             None if labels is None else jnp.asarray(labels)))
+      assert np.abs(want).max() > 1e-2
+      errs.append(np.abs(got.transpose(0, 3, 1, 2) - want).max())
+  print(f"DiT parity with diffusers: max abs err {max(errs):.2e}")
+  assert max(errs) < 1e-4
+
+  # facebook layout -> params: identity; stability-style {"model", "ema"} with module. prefix.
+  ckpt = {"model": {"module." + k: v * 0 for k, v in sd.items()},
+          "ema": {"module." + k: v for k, v in sd.items()}}
+  module2, params2 = V.dit_state_dict_to_params(ckpt, _cfg(name="dit", num_classes=10))
+  assert (module2.hidden_size, module2.depth, module2.patch_size, module2.num_classes) == \
+      (64, 2, 2, 10)
+  jax.tree_util.tree_map(lambda a, b: np.testing.assert_array_equal(a, b), params, params2)
+  sd_bad = dict(sd)
+  sd_bad["blocks.1.mlp.fc2.weight"] = sd_bad["blocks.1.mlp.fc2.weight"][:, :10]
+  del sd_bad["final_layer.linear.bias"]
+  with pytest.raises(WeightConversionError) as err:
+    V.state_dict_to_params(sd_bad, module, in_channels=4)
+  assert "blocks.1.mlp.fc2.weight" in str(err.value)
+  assert "final_layer.linear.bias" in str(err.value)
+
+
+# ----------------------------------------------------------------------------- time convention
+
+
+def test_sit_convention_euler_equivalence(tmp_path):
+  """A SiT-convention net imported with time_convention="sit", integrated t = 1 -> 0 in LFM's
+  convention, equals Euler t = 0 -> 1 of the original in its own convention."""
+  module = UNet(model_channels=32, channel_mult=(1, 2), num_res_blocks=1, num_heads=1)
+  z0 = jax.random.normal(jax.random.PRNGKey(3), (2, 4, 4, 4))
+  params = module.init(jax.random.PRNGKey(0), z0, jnp.zeros((2,)))["params"]
+  params = _perturb_jax(params)
+  path = tmp_path / "sit.safetensors"
+  V.export_velocity_checkpoint(module, params, str(path))
+  lfm_module, lfm_params = V.load_velocity_checkpoint(str(path), _cfg(time_convention="sit"))
+  assert isinstance(lfm_module, SiTConventionWrapper)
+
+  n = 8
+  v_sit = jax.jit(lambda z, s: module.apply({"params": params}, z, s))
+  v_lfm = jax.jit(lambda z, t: lfm_module.apply({"params": lfm_params}, z, t))
+  z_sit = z0
+  for k in range(n):
+    z_sit = z_sit + (1.0 / n) * v_sit(z_sit, jnp.full((2,), k / n))
+  ts = np.linspace(1.0, 0.0, n + 1)
+  z_lfm = z0
+  for k in range(n):
+    z_lfm = z_lfm + (ts[k + 1] - ts[k]) * v_lfm(z_lfm, jnp.full((2,), ts[k]))
+  err = float(jnp.abs(z_lfm - z_sit).max())
+  print(f"SiT-convention Euler equivalence: max abs err {err:.2e}")
+  assert float(jnp.abs(z_sit - z0).max()) > 1e-2
+  assert err < 1e-5
