@@ -7,7 +7,8 @@ Data sets (`config.data.name`):
   "ffhq"             our builder over the official PNGs (lfm_jax/datasets/ffhq.py); manual dir.
   "lsun/church_outdoor", "lsun/bedroom"
                      tfds LSUN (needs a prepared copy: it is downloaded, never here);
-                     data.max_train_examples = 120_000 keeps the first 120k, as LFM does.
+                     data.max_train_examples = 120_000 keeps the first 120k, as LFM does, in
+                     LMDB key order (tfds stores LSUN shuffled; ids stay split indices).
   "imagenet2012"     tfds ImageNet; manual dir: ILSVRC2012_img_train.tar, ILSVRC2012_img_val.tar.
   "image_folder"     data.image_folder (class sub-folders -> labels; see datasets/image_folder.py).
   any other tfds name (used as is).
@@ -60,9 +61,9 @@ __all__ = [
 # Preprocessing of the paper experiments (for configs; the pipeline itself reads config.data).
 PAPER_PRESETS = {
     "celeb_a_hq/256": dict(image_size=256, channels=3, crop="none", random_flip=True,
-                           num_classes=0, train_split="train"),
+                           num_classes=0, train_split="train", eval_split="train"),
     "ffhq": dict(image_size=256, channels=3, crop="none", random_flip=True, num_classes=0,
-                 train_split="train"),
+                 train_split="train", eval_split="train"),
     "lsun/church_outdoor": dict(image_size=256, channels=3, crop="center", random_flip=True,
                                 num_classes=0, max_train_examples=120_000,
                                 train_split="train", eval_split="validation"),
@@ -224,6 +225,51 @@ def _split_size(builder, split: str) -> int:
   raise ValueError(f"{builder.name} has no split {split!r}; splits: {list(splits)}")
 
 
+def _first_by_source_key(builder, split: str, count: int) -> np.ndarray:
+  """Sorted split indices of the `count` examples with the smallest `id` text feature.
+
+  tfds stores LSUN in hashed-key order; the LMDB (and torchvision) order is the order of the
+  LMDB keys, which tfds keeps in the `id` feature. Needs one pass over the split's ids (images
+  are not decoded); the result is cached next to the prepared data when that is writable.
+  """
+  cache = os.path.join(builder.data_dir, f"lfm_jax_first_{split}_{count}.npy")
+  try:
+    if tf.io.gfile.exists(cache):
+      with tf.io.gfile.GFile(cache, "rb") as f:
+        return np.load(f)
+  except (OSError, tf.errors.OpError):
+    pass
+  ds = builder.as_dataset(
+      split=split, shuffle_files=False,
+      decoders=tfds.decode.PartialDecoding({"id": True}),
+      read_config=tfds.ReadConfig(interleave_cycle_length=1, try_autocache=False))
+  keys = np.concatenate(list(tfds.as_numpy(ds.map(lambda ex: ex["id"]).batch(65536))))
+  chosen = np.sort(np.argsort(keys, kind="stable")[:count]).astype(np.int64)
+  try:
+    tmp = f"{cache}.tmp{os.getpid()}"
+    with tf.io.gfile.GFile(tmp, "wb") as f:
+      np.save(f, chosen)
+    tf.io.gfile.rename(tmp, cache, overwrite=True)
+  except (OSError, tf.errors.OpError):
+    logging.info("Could not cache %s (read-only data dir?)", cache)
+  return chosen
+
+
+def _selection(builder, data_config, split: str) -> tuple[int, Optional[np.ndarray]]:
+  """(size of the split as stored, indices the pipeline may read or None for all).
+
+  data.max_train_examples keeps the first N of the train split: the first N stored examples,
+  except for LSUN where "first" is the LMDB key order (the order LFM's loader reads).
+  """
+  n = _split_size(builder, split)
+  cap = _get(data_config, "max_train_examples")
+  if not cap or split != _get(data_config, "train_split", "train") or int(cap) >= n:
+    return n, None
+  if builder.name == "lsun":
+    return n, _first_by_source_key(builder, split, int(cap))
+  return n, np.arange(int(cap), dtype=np.int64)
+
+
 def num_examples(data_config, split: str, builder=None) -> int:
   """Examples in `split` (train split capped at data.max_train_examples: the first N)."""
   builder = builder or _prepared_builder(data_config)
@@ -371,7 +417,9 @@ def create_dataset(data_config, split: str, *, batch_size: int, shuffle: bool, s
                      f"{process_count} processes")
   host_batch = batch_size // process_count
   builder = _prepared_builder(data_config)
-  n = num_examples(data_config, split, builder)
+  n, allowed = _selection(builder, data_config, split)
+  if ids is None and allowed is not None:
+    ids = allowed
 
   if ids is None:
     lo, hi = host_range(n, process_index, process_count)
@@ -381,6 +429,8 @@ def create_dataset(data_config, split: str, *, batch_size: int, shuffle: bool, s
     kept = np.unique(np.asarray(ids, dtype=np.int64))
     if kept.size and (kept[0] < 0 or kept[-1] >= n):
       raise ValueError(f"ids must lie in [0, {n}) for split {split!r}")
+    if allowed is not None and not np.all(np.isin(kept, allowed)):
+      raise ValueError("ids outside the first data.max_train_examples examples of the split")
     a, b = host_range(kept.size, process_index, process_count)
     host_ids = kept[a:b]
     host_n = int(host_ids.size)
@@ -393,11 +443,14 @@ def create_dataset(data_config, split: str, *, batch_size: int, shuffle: bool, s
 
   image_feature = builder.info.features["image"]
   has_label = "label" in builder.info.features.keys()
+  mocked = _tfds_is_mocked()  # tfds' mocks ignore split slices: slice by skip/take instead.
   ds = builder.as_dataset(
-      split=f"{split}[{lo}:{hi}]", shuffle_files=False,
+      split=split if mocked else f"{split}[{lo}:{hi}]", shuffle_files=False,
       decoders={"image": tfds.decode.SkipDecoding()},
       read_config=tfds.ReadConfig(interleave_cycle_length=1, try_autocache=False))
-  ds = ds.take(hi - lo).enumerate(start=lo)  # take: mocks ignore the slice.
+  if mocked:
+    ds = ds.skip(lo).take(hi - lo)
+  ds = ds.enumerate(start=lo)
   ds = ds.map(lambda i, ex: {
       "image": ex["image"],
       "label": tf.cast(ex["label"], tf.int32) if has_label else tf.constant(0, tf.int32),

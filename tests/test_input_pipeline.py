@@ -253,6 +253,21 @@ def test_paper_pipelines_on_mock_data(tmp_path, name, crop, labelled):
                                 np.arange(12))
 
 
+def test_lsun_first_examples_follow_lmdb_key_order(tmp_path):
+  c = _data_config(name="lsun/church_outdoor", data_dir=str(tmp_path), image_size=8, channels=3,
+                   crop="center", max_train_examples=5)
+  with tfds.testing.mock_data(num_examples=12):
+    # (Mocks draw different fake values for partial decoding, so read keys the same way.)
+    keys = [ex["id"] for ex in tfds.as_numpy(ip.get_builder(c).as_dataset(
+        split="train", decoders=tfds.decode.PartialDecoding({"id": True})))]
+    ds = ip.create_dataset(c, "train", batch_size=5, shuffle=True, seed=0, repeat=False,
+                           process_index=0, process_count=1)
+    ids = _ids(ds)
+    assert ip.num_examples(c, "train") == 5
+  assert len(set(keys)) == 12
+  np.testing.assert_array_equal(np.sort(ids), np.sort(np.argsort(keys, kind="stable")[:5]))
+
+
 def test_adm_and_center_crops_shapes_and_values():
   image = tf.constant(np.tile(np.linspace(0, 255, 70, dtype=np.float32)[None, :, None],
                               (50, 1, 3)).astype(np.uint8))
