@@ -106,6 +106,7 @@ def paper_config(image_size=256):
   ev.feature_extractor = "inception"
   ev.inception_weights = INCEPTION
   ev.reference_stats = None  # computed from data.train_split, as LFM's stats are
+  ev.reference_split = "train"  # LFM computes its reference statistics on the training set
 
   config.stability.embedding = "inception"
   config.score.embedding = "inception"

@@ -76,6 +76,8 @@ def get_config():
   model.num_head_channels = -1  # > 0 overrides num_heads with channels per head
   model.dropout = 0.0
   model.use_scale_shift_norm = True
+  model.mid_attention = True  # ADM's middle-block self-attention
+  model.norm_num_groups = 32
   model.resblock_updown = False
   model.num_classes = 10  # 0: unconditional. The null (guidance) label is index num_classes.
   model.extra_in_channels = 0  # conditioning channels concatenated to the latent (inpainting: 5)
@@ -125,7 +127,10 @@ def get_config():
   ev.batch_size = 250
   ev.feature_extractor = "digits_classifier"  # digits_classifier | autoencoder | inception
   ev.inception_weights = None  # pt_inception-2015-12-05-6726825d.pth (pytorch-fid)
-  ev.reference_stats = None  # .npz with mu, sigma; None: computed from data.train_split
+  ev.reference_stats = None  # .npz with mu, sigma (pytorch-fid format); None: computed from
+  ev.reference_split = "test"  # this split (LFM's FIDs use "train"; paper 2 the validation split)
+  ev.kid_subsets = 100
+  ev.kid_subset_size = 1000
   ev.precision_recall_k = 3
 
   # --- Scoring (scoring.py, `score` mode).

@@ -105,4 +105,5 @@ def get_config(arg=None):
   ev = config.eval
   ev.num_samples = 4096  # paper 2's protocol (torch-fidelity), against the validation split
   ev.reference_stats = None
+  ev.reference_split = config.data.eval_split  # paper 2 compares against the validation split
   return config

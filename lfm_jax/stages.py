@@ -570,8 +570,9 @@ def run_evaluate(config, workdir: str, ae: Optional[Autoencoder] = None) -> dict
     pr = precision_recall.precision_recall(ref_feats[:n_ref], gen_feats, k=k)
     record[feat_lib.metric_name("precision", name)] = float(pr["precision"])
     record[feat_lib.metric_name("recall", name)] = float(pr["recall"])
-    sub = min(1000, n_ref, num)
-    kid = precision_recall.kid(ref_feats[:n_ref], gen_feats, num_subsets=50, subset_size=sub)
+    sub = min(int(config.eval.kid_subset_size), n_ref, num)
+    kid = precision_recall.kid(ref_feats[:n_ref], gen_feats, num_subsets=int(config.eval.kid_subsets),
+                               subset_size=sub)
     record[feat_lib.metric_name("kid", name)] = float(kid["mean"])
     if hasattr(extractor, "class_agreement") and out["labels"] is not None:
       record["class_agreement_" + name] = float(
@@ -589,13 +590,13 @@ def _reference(config, workdir: str, extractor):
   """Reference statistics and features of real images (config.eval.reference_stats or the
   eval split), cached under <workdir>/eval/."""
   from lfm_jax.metrics import fid  # pylint: disable=g-import-not-at-top
-  path = os.path.join(workdir, "eval", f"reference_{extractor.name}_{config.data.eval_split}.npz")
+  split = config.eval.reference_split
+  path = os.path.join(workdir, "eval", f"reference_{extractor.name}_{split}.npz")
   if os.path.isfile(path):
     with np.load(path) as z:
       feats = z["features"]
   else:
-    images, _, _ = load_images(config, config.data.eval_split,
-                               max_examples=int(config.eval.num_samples))
+    images, _, _ = load_images(config, split, max_examples=int(config.eval.num_samples))
     feats = extractor.extract(images, batch_size=config.eval.batch_size)
     np.savez(path, features=feats)
   stats = fid.FeatureStats.from_features(feats)
