@@ -87,6 +87,8 @@ def diff_tree_metadata(ckpt_tree: Any, target: Any, max_items: int = 20) -> list
       lines.append(f"  {path}: checkpoint shape {cs} != model shape {ts}")
     elif np.dtype(c.dtype) != np.dtype(t.dtype):
       lines.append(f"  {path}: checkpoint dtype {np.dtype(c.dtype)} != model dtype {np.dtype(t.dtype)}")
+  # Params first: they are what a reader recognises; EMA / optimizer copies follow.
+  lines.sort(key=lambda line: (not line.strip().startswith("params/"), line))
   if len(lines) > max_items:
     lines = lines[:max_items] + [f"  ... and {len(lines) - max_items} more"]
   return lines
@@ -101,6 +103,14 @@ def _diff_dicts(a: Any, b: Any, prefix: str = "") -> list[str]:
   elif a != b:
     out.append(f"{prefix[:-1]}: checkpoint {a!r}, now {b!r}")
   return out
+
+
+def _short(e: Exception, limit: int = 600) -> str:
+  """type: message, without tensorstore's long spec dump."""
+  text = str(e).split(" [tensorstore_spec=")[0]
+  if len(text) > limit:
+    text = text[:limit] + " ..."
+  return f"{type(e).__name__}: {text}"
 
 
 def abstract_like(tree: Any) -> Any:
@@ -166,7 +176,7 @@ class Checkpointer:
       return dict(out["meta"] or {})
     except Exception as e:  # pylint: disable=broad-except
       raise CheckpointError(f"Checkpoint {self.step_path(step)} (step {step}): cannot read its "
-                            f"metadata: {type(e).__name__}: {e}") from e
+                            f"metadata: {_short(e)}") from e
 
   def check_compatible(self, step: int, abstract_state: Any,
                        expected_meta: Optional[Mapping[str, Any]] = None) -> dict[str, Any]:
@@ -181,7 +191,7 @@ class Checkpointer:
       item_meta = self._manager.item_metadata(step)["state"]
     except Exception as e:  # pylint: disable=broad-except
       raise CheckpointError(f"{where}: cannot read the state's array metadata (corrupt or "
-                            f"truncated?): {type(e).__name__}: {e}") from e
+                            f"truncated?): {_short(e)}") from e
     if item_meta is None:
       raise CheckpointError(f"{where}: has no 'state' item metadata (corrupt or not a lfm_jax "
                             "checkpoint)")
@@ -226,7 +236,7 @@ class Checkpointer:
     except Exception as e:  # pylint: disable=broad-except
       raise CheckpointError(
           f"Checkpoint {self.step_path(step)} (step {step}) could not be read (corrupt or "
-          f"truncated file?): {type(e).__name__}: {e}\nThe checkpoint was left untouched.") from e
+          f"truncated file?): {_short(e)}\nThe checkpoint was left untouched.") from e
     return out["state"], dict(out["input"] or {}), meta
 
   def reached_preemption(self, step: int) -> bool:

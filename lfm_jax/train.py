@@ -18,9 +18,7 @@ import os
 from typing import Any, Callable, Iterator, Mapping, Optional
 
 from absl import logging
-from clu import metric_writers
 from clu import parameter_overview
-from clu import periodic_actions
 import flax
 import flax.linen as nn
 import jax
@@ -304,8 +302,20 @@ def train_and_evaluate(
   checkpointer = ckpt_lib.Checkpointer(
       os.path.join(workdir, "checkpoints"), max_to_keep=int(tcfg.get("keep_checkpoints", 2)),
       keep_period=int(tcfg.get("keep_every", 0) or 0) or None)
-  meta = checkpoint_metadata(config, latent_shape)
 
+  try:
+    return _train_loop(config, workdir, checkpointer, train_iter, model, mesh, tx, schedule, rng,
+                       latent_shape, scale_factor, sample_fn, stop_after, print_fn)
+  finally:
+    checkpointer.close()  # waits for the last async save; never saves by itself
+
+
+def _train_loop(config, workdir, checkpointer, train_iter, model, mesh, tx, schedule, rng,
+                latent_shape, scale_factor, sample_fn, stop_after, print_fn) -> TrainState:
+  """The body of train_and_evaluate (restore-or-init, then the step loop)."""
+  tcfg = config.train
+  num_steps = int(tcfg.num_steps)
+  meta = checkpoint_metadata(config, latent_shape)
   latest = checkpointer.latest_step()
   if latest is not None:
     abstract = abstract_train_state(rng, model, config, latent_shape, tx, mesh)
@@ -327,59 +337,19 @@ def train_and_evaluate(
   writer = train_utils.create_metric_writer(workdir)
   if start_step == 0:
     writer.write_hparams({k: v for k, v in tcfg.items() if not isinstance(v, (list, tuple, dict))})
-  log_every = max(int(tcfg.get("log_every", 100)), 1)
-  ckpt_every = int(tcfg.get("checkpoint_every", 0) or 0)
   sample_every = int(tcfg.get("sample_every", 0) or 0)
-  report_progress = periodic_actions.ReportProgress(
-      num_train_steps=num_steps, writer=writer, every_steps=log_every, every_secs=None)
-  progress = train_utils.Progress(start_step, num_steps)
-  end_step = num_steps if stop_after is None else min(num_steps, int(stop_after))
-  last_saved = checkpointer.latest_step()
-  pending: list[tuple[int, Any]] = []   # device metrics not yet checked / fetched
-  fetched: list[tuple[int, dict]] = []  # host metrics of the current log interval
 
-  def fetch_and_check():
-    # One host sync: the finite flags and metrics of every step since the last fetch.
-    host = jax.device_get([m for _, m in pending])
-    fetched.extend(zip([s for s, _ in pending], host))
-    pending.clear()
-    train_utils.check_finite(fetched, last_saved, checkpointer.directory)
+  def on_step(step, state):
+    if sample_fn is not None and ((sample_every > 0 and step % sample_every == 0)
+                                  or step == num_steps):
+      _run_sample_fn(sample_fn, state, step, workdir, writer)
 
-  step = start_step
-  try:
-    with metric_writers.ensure_flushes(writer), ckpt_lib.PreemptionGuard(checkpointer) as guard:
-      for step in range(start_step + 1, end_step + 1):
-        with jax.profiler.StepTraceAnnotation("train", step_num=step):
-          batch = parallel.host_local_to_global(next(train_iter), mesh)
-          state, metrics = p_train_step(state, batch)
-        pending.append((step, metrics))
-        report_progress(step)
-        stopping = guard.should_stop(step, sync_every=log_every)
-        last = step == end_step or stopping
-        save_now = last or (ckpt_every > 0 and step % ckpt_every == 0)
-        if step % log_every == 0 or last or save_now:
-          fetch_and_check()  # detection latency: at most log_every steps (or to the next save)
-        if fetched and (step % log_every == 0 or last):
-          summary = train_utils.mean_metrics(fetched)
-          rate, eta = progress.update(step)
-          writer.write_scalars(step, summary)
-          logging.info("step %d/%d: loss %.5f, grad_norm %.4f, lr %.3g, %.2f steps/s, ETA %s",
-                       step, num_steps, summary["loss"], summary["grad_norm"],
-                       summary["learning_rate"], rate, train_utils.format_eta(eta))
-          fetched.clear()
-        if sample_fn is not None and ((sample_every > 0 and step % sample_every == 0)
-                                      or step == num_steps):
-          _run_sample_fn(sample_fn, state, step, workdir, writer)
-        if save_now:
-          checkpointer.save(step, state, input_state=train_iter.state(), metadata=meta)
-          last_saved = step
-        if stopping:
-          logging.warning("Stopped by signal at step %d; checkpoint saved to %s.", step,
-                          checkpointer.step_path(step))
-          break
-  finally:
-    checkpointer.close()  # waits for the async save; never saves here
-  return state
+  return train_utils.run_loop(
+      state=state, step_fn=p_train_step, train_iter=train_iter, mesh=mesh,
+      checkpointer=checkpointer, writer=writer, num_steps=num_steps, end_step=stop_after,
+      log_every=int(tcfg.get("log_every", 100)),
+      checkpoint_every=int(tcfg.get("checkpoint_every", 0) or 0), metadata=meta, on_step=on_step,
+      name="train")
 
 
 def _run_sample_fn(sample_fn, state, step, workdir, writer):

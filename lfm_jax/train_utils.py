@@ -343,3 +343,74 @@ def tree_max_abs_diff(a: Any, b: Any) -> float:
                                                          - np.asarray(y, np.float64))))
                        if np.size(x) else 0.0, a, b)
   return max(jax.tree.leaves(diffs), default=0.0)
+
+
+# --------------------------------------------------------------------------------------------
+# The step loop shared by both trainers.
+
+
+def run_loop(*, state: Any, step_fn: Callable[[Any, Any], tuple[Any, Any]], train_iter: Any,
+             mesh: Any, checkpointer: Any, writer: metric_writers.MetricWriter, num_steps: int,
+             end_step: Optional[int] = None, log_every: int = 100, checkpoint_every: int = 0,
+             metadata: Optional[Mapping[str, Any]] = None,
+             on_step: Optional[Callable[[int, Any], None]] = None, name: str = "train") -> Any:
+  """Runs steps state.step+1 .. end_step; returns the final state.
+
+  Each step: next(train_iter) (host-local numpy rows) -> global arrays on `mesh` -> step_fn
+  (jitted, state donated) -> periodic actions. Metrics stay on device until a log step or a save:
+  then one host sync fetches them, the finite flags are checked (NonFiniteError names the first bad
+  step; nothing is saved after it, so the last good checkpoint is kept: detection latency is at
+  most `log_every` steps and never crosses a save), the interval means are written with steps/s and
+  ETA. `on_step(step, state)` runs after every step (sampling hooks). Checkpoints every
+  `checkpoint_every` steps, at end_step, and at the step boundary after SIGTERM/SIGINT (then the
+  loop returns early). The caller closes `checkpointer`.
+  """
+  from clu import periodic_actions  # pylint: disable=g-import-not-at-top
+  from lfm_jax import checkpoint as ckpt_lib  # pylint: disable=g-import-not-at-top
+  from lfm_jax import parallel  # pylint: disable=g-import-not-at-top
+
+  start_step = int(jax.device_get(state.step))
+  end_step = num_steps if end_step is None else min(num_steps, int(end_step))
+  log_every = max(int(log_every), 1)
+  report_progress = periodic_actions.ReportProgress(
+      num_train_steps=num_steps, writer=writer, every_steps=log_every, every_secs=None)
+  progress = Progress(start_step, num_steps)
+  last_saved = [checkpointer.latest_step()]
+  pending: list[tuple[int, Any]] = []   # device metrics not yet fetched
+  fetched: list[tuple[int, dict]] = []  # host metrics of the current log interval
+
+  def fetch_and_check():
+    host = jax.device_get([m for _, m in pending])
+    fetched.extend(zip([s for s, _ in pending], host))
+    pending.clear()
+    check_finite(fetched, last_saved[0], checkpointer.directory)
+
+  with metric_writers.ensure_flushes(writer), ckpt_lib.PreemptionGuard(checkpointer) as guard:
+    for step in range(start_step + 1, end_step + 1):
+      with jax.profiler.StepTraceAnnotation(name, step_num=step):
+        batch = parallel.host_local_to_global(next(train_iter), mesh)
+        state, metrics = step_fn(state, batch)
+      pending.append((step, metrics))
+      report_progress(step)
+      stopping = guard.should_stop(step, sync_every=log_every)
+      last = step == end_step or stopping
+      save_now = last or (checkpoint_every > 0 and step % checkpoint_every == 0)
+      if step % log_every == 0 or last or save_now:
+        fetch_and_check()
+      if fetched and (step % log_every == 0 or last):
+        summary = mean_metrics(fetched)
+        rate, eta = progress.update(step)
+        writer.write_scalars(step, summary)
+        logging.info("[%s] step %d/%d: %s, %.2f steps/s, ETA %s", name, step, num_steps,
+                     ", ".join(f"{k} {v:.4g}" for k, v in summary.items()), rate, format_eta(eta))
+        fetched.clear()
+      if on_step is not None:
+        on_step(step, state)
+      if save_now:
+        checkpointer.save(step, state, input_state=train_iter.state(), metadata=metadata)
+        last_saved[0] = step
+      if stopping:
+        logging.warning("[%s] stopped by signal at step %d; checkpoint saved to %s.", name, step,
+                        checkpointer.step_path(step))
+        break
+  return state
