@@ -179,7 +179,11 @@ def test_ldm_without_prefix_and_old_attention_names(tmp_path):
   sd = _state_dict_numpy(tm)
   module, ref = weights.load_autoencoder_kl(_save_dir(tm, tmp_path / "d"))
   # LDM layout, no prefix, explicit group count.
-  save_file(diffusers_to_ldm_state_dict(sd, 2), str(tmp_path / "vae.safetensors"))
+  ldm = diffusers_to_ldm_state_dict(sd, 2)
+  ldm["loss.logvar"] = np.zeros((), np.float32)  # training-only entries are dropped
+  ldm["loss.discriminator.main.0.weight"] = np.zeros((64, 3, 4, 4), np.float32)
+  ldm["model_ema.num_updates"] = np.zeros((), np.int32)
+  save_file(ldm, str(tmp_path / "vae.safetensors"))
   _, p1 = weights.load_autoencoder_kl(str(tmp_path / "vae.safetensors"), norm_num_groups=8)
   # Old diffusers attention names.
   old = {k.replace("to_q", "query").replace("to_k", "key").replace("to_v", "value")

@@ -6,7 +6,8 @@ Sources (local files only; nothing is ever downloaded):
   (b) an original LDM / Stable-Diffusion single file (.ckpt/.pt/.pth/.bin or .safetensors), keys
       with or without the `first_stage_model.` prefix. When the prefix is present only those keys
       are used (a full SD checkpoint also holds the UNet, text encoder, ...). LDM autoencoder
-      training checkpoints also hold `loss.*` (discriminator / LPIPS) keys, which are dropped.
+      training checkpoints also hold `loss.*` (discriminator / LPIPS) keys and EMA counters
+      (`model_ema.decay`, `model_ema.num_updates`), which are dropped.
       Without a config the architecture is inferred from the shapes; GroupNorm's group count
       cannot be, so it defaults to 32 (every LDM/SD autoencoder) unless given.
 
@@ -73,6 +74,7 @@ def _to_torch(a: np.ndarray) -> np.ndarray:
   return a
 
 
+_LDM_TRAINING_ONLY = ("model_ema.decay", "model_ema.num_updates")
 _LDM_ATTN = {"norm": "group_norm", "q": "to_q", "k": "to_k", "v": "to_v", "proj_out": "to_out.0"}
 _OLD_DIFFUSERS_ATTN = {"query": "to_q", "key": "to_k", "value": "to_v", "proj_attn": "to_out.0"}
 
@@ -134,8 +136,10 @@ class _Normalized:
     stripped = {k[len(self.prefix):]: k for k in keys}
     self.ldm = _is_ldm_layout(stripped)
     if self.ldm:
-      # Discriminator / LPIPS weights of an LDM autoencoder training checkpoint.
-      stripped = {k: v for k, v in stripped.items() if not k.startswith("loss.")}
+      # Training-only entries of LDM autoencoder checkpoints: discriminator / LPIPS weights and
+      # EMA bookkeeping scalars (not parameters of the autoencoder).
+      stripped = {k: v for k, v in stripped.items()
+                  if not k.startswith("loss.") and k not in _LDM_TRAINING_ONLY}
       if num_levels is None:
         num_levels = 1 + max(
             [int(m.group(1)) for k in stripped
