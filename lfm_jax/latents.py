@@ -58,6 +58,31 @@ def _normalize(fingerprint: Mapping[str, Any]) -> Any:
   return json.loads(json.dumps(fingerprint, sort_keys=True, default=str))
 
 
+def fingerprint_from_config(config, autoencoder: Any, split: Optional[str] = None) -> Dict[str, Any]:
+  """The cache fingerprint for `config` (the full run config) and an autoencoder identity.
+
+  `autoencoder` identifies the weights: e.g. {"path": ..., "step": ...} for a trained one, the
+  pretrained checkpoint path, or `params_fingerprint(params)`. Everything that changes the encoded
+  images is included (data set, split, resolution, channels, crop, example cap); augmentation
+  (random flips) and subset selection are applied after the cache and are not.
+  """
+  data = config.data
+  get = lambda k: data.get(k, None) if hasattr(data, "get") else getattr(data, k, None)
+  return _normalize({
+      "autoencoder": autoencoder,
+      "data": {
+          "name": get("name"),
+          "split": split if split is not None else get("train_split"),
+          "image_size": get("image_size"),
+          "channels": get("channels"),
+          "crop": get("crop"),
+          "max_train_examples": get("max_train_examples"),
+          "image_folder": get("image_folder"),
+      },
+      "format": FORMAT_VERSION,
+  })
+
+
 def read_manifest(workdir: str) -> Optional[Dict[str, Any]]:
   """The manifest of a complete cache, or None (absent, unreadable or with missing shards)."""
   d = cache_dir(workdir)

@@ -155,3 +155,14 @@ def test_params_fingerprint():
   assert latents.params_fingerprint(p) == latents.params_fingerprint(q)
   q["b"]["c"][1] = 1e-7
   assert latents.params_fingerprint(p) != latents.params_fingerprint(q)
+
+
+def test_fingerprint_from_config():
+  from configs.default import get_config
+  config = get_config()
+  a = latents.fingerprint_from_config(config, {"path": "/w/autoencoder", "step": 1000})
+  assert a["data"]["name"] == "lfm_digits" and a["data"]["split"] == "train"
+  assert a == latents.fingerprint_from_config(get_config(), {"path": "/w/autoencoder", "step": 1000})
+  config.data.image_size = 32
+  assert a != latents.fingerprint_from_config(config, {"path": "/w/autoencoder", "step": 1000})
+  assert a != latents.fingerprint_from_config(get_config(), {"path": "/w/autoencoder", "step": 2000})
