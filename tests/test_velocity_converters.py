@@ -124,7 +124,8 @@ def test_unet_round_trip_and_file(tmp_path):
                 attention_resolutions=(2,), attention_semantics="downsample", num_heads=2,
                 num_classes=10, learn_null_class=True, extra_in_channels=2)
   x = jnp.zeros((1, 8, 8, 4))
-  params = module.init(jax.random.PRNGKey(0), x, jnp.zeros((1,)), cond=jnp.zeros((1, 8, 8, 2)))
+  params = jax.jit(lambda x: module.init(jax.random.PRNGKey(0), x, jnp.zeros((1,)),
+                                        cond=jnp.zeros((1, 8, 8, 2))))(x)
   params = _perturb_jax(params["params"])
   path = tmp_path / "unet.safetensors"
   sd = V.export_velocity_checkpoint(module, params, str(path))
@@ -193,7 +194,7 @@ def test_dit_parity_with_diffusers_and_round_trip():
   diffusers = pytest.importorskip("diffusers")
   module = DiT(hidden_size=64, depth=2, num_heads=2, patch_size=2, num_classes=10)
   x = np.random.RandomState(1).randn(4, 8, 8, 4).astype(np.float32)
-  params = module.init(jax.random.PRNGKey(0), jnp.asarray(x), jnp.zeros((4,)))["params"]
+  params = jax.jit(module.init)(jax.random.PRNGKey(0), jnp.asarray(x), jnp.zeros((4,)))["params"]
   params = _perturb_jax(params, std=0.1)
   sd = V.dit_params_to_state_dict(params, module, latent_size=8)
   assert sd["pos_embed"].shape == (1, 16, 64)
@@ -251,7 +252,7 @@ def test_sit_convention_euler_equivalence(tmp_path):
   convention, equals Euler t = 0 -> 1 of the original in its own convention."""
   module = UNet(model_channels=32, channel_mult=(1, 2), num_res_blocks=1, num_heads=1)
   z0 = jax.random.normal(jax.random.PRNGKey(3), (2, 4, 4, 4))
-  params = module.init(jax.random.PRNGKey(0), z0, jnp.zeros((2,)))["params"]
+  params = jax.jit(module.init)(jax.random.PRNGKey(0), z0, jnp.zeros((2,)))["params"]
   params = _perturb_jax(params)
   path = tmp_path / "sit.safetensors"
   V.export_velocity_checkpoint(module, params, str(path))
