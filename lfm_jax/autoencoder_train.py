@@ -150,8 +150,7 @@ def train_autoencoder(
     raise ValueError("pass exactly one of `images` or `train_iter`")
   if train_iter is None:
     arrays = _as_image_dict(images)
-    from lfm_jax.train import _make_iterator  # pylint: disable=g-import-not-at-top
-    train_iter = _make_iterator(arrays, batch_size, int(config.seed))
+    train_iter = train_utils.make_array_iterator(arrays, batch_size, int(config.seed))
     if eval_images is None:
       eval_images = arrays["image"][:256]
   if module is None:

@@ -217,16 +217,6 @@ def checkpoint_metadata(config: Any, latent_shape: tuple[int, ...]) -> dict[str,
   return {"config": plain, "fingerprint": digest}
 
 
-def _make_iterator(latents: Mapping[str, np.ndarray], batch_size: int, seed: int):
-  """A checkpointable iterator over the in-memory latent cache (global batch size in, this
-  host's rows out): lfm_jax.input_pipeline.ArrayIterator, or a minimal stand-in without it."""
-  try:
-    from lfm_jax.input_pipeline import ArrayIterator  # pylint: disable=g-import-not-at-top
-  except ImportError:
-    return train_utils.InMemoryBatchIterator(latents, batch_size, seed=seed)
-  return ArrayIterator(latents, batch_size=batch_size, seed=seed)
-
-
 def train_and_evaluate(
     config: Any,
     workdir: str,
@@ -276,7 +266,7 @@ def train_and_evaluate(
   if (latents is None) == (train_iter is None):
     raise ValueError("pass exactly one of `latents` or `train_iter`")
   if train_iter is None:
-    train_iter = _make_iterator(latents, int(tcfg.batch_size), int(config.seed))
+    train_iter = train_utils.make_array_iterator(latents, int(tcfg.batch_size), int(config.seed))
   parallel.local_batch_size(int(tcfg.batch_size), mesh)
 
   if latent_shape is None:

@@ -337,6 +337,16 @@ class InMemoryBatchIterator:
     self._perm = self._permutation(self._epoch)
 
 
+def make_array_iterator(arrays: Mapping[str, np.ndarray], global_batch_size: int, seed: int):
+  """A checkpointable iterator over in-memory arrays (global batch size in, this host's rows out):
+  lfm_jax.input_pipeline.ArrayIterator, or InMemoryBatchIterator when that module is absent."""
+  try:
+    from lfm_jax.input_pipeline import ArrayIterator  # pylint: disable=g-import-not-at-top
+  except ImportError:
+    return InMemoryBatchIterator(arrays, global_batch_size, seed=seed)
+  return ArrayIterator(arrays, batch_size=global_batch_size, seed=seed)
+
+
 def tree_max_abs_diff(a: Any, b: Any) -> float:
   """max |a - b| over all leaves of two trees of the same structure (host float)."""
   diffs = jax.tree.map(lambda x, y: float(np.max(np.abs(np.asarray(x, np.float64)

@@ -30,7 +30,7 @@ def _config():
   ae.latent_channels = 4
   ae.norm_num_groups = 4
   ae.attention = False
-  ae.train.num_steps = 150
+  ae.train.num_steps = 100
   ae.train.batch_size = 32
   ae.train.learning_rate = 3e-3
   ae.train.log_every = 50

@@ -95,7 +95,7 @@ def test_truncated_file_names_checkpoint_and_is_untouched(saved, tmp_path):
 
 def test_keep_last_n_and_every_k(tmp_path):
   state = _state()
-  with ckpt_lib.Checkpointer(str(tmp_path), max_to_keep=2, keep_period=3, async_save=False) as ck:
+  with ckpt_lib.Checkpointer(str(tmp_path), max_to_keep=2, keep_period=3) as ck:
     for step in range(1, 8):
       ck.save(step, state.replace(step=jnp.array(step, jnp.int32)))
     steps = sorted(ck.all_steps())

@@ -135,7 +135,8 @@ if __name__ == "__main__":
   from lfm_jax import train as _train  # pylint: disable=g-import-not-at-top
   _workdir, _sleep = sys.argv[1], float(sys.argv[2])
   _config = tiny_config()
-  _it = _train._make_iterator(make_latents(), _config.train.batch_size, _config.seed)  # pylint: disable=protected-access
+  from lfm_jax import train_utils as _tu  # pylint: disable=g-import-not-at-top
+  _it = _tu.make_array_iterator(make_latents(), _config.train.batch_size, _config.seed)
   _train.train_and_evaluate(_config, _workdir, model=model_for(_config),
                             train_iter=SlowIterator(_it, _sleep), latent_shape=LATENT_SHAPE,
                             sample_fn=sample_fn)
@@ -371,7 +372,7 @@ def test_nan_in_data_stops_with_step(tmp_path):
   config = tiny_config()
   config.train.checkpoint_every = 2
   config.train.log_every = 2
-  it = NaNAt(train._make_iterator(make_latents(), 16, config.seed), at=3)  # pylint: disable=protected-access
+  it = NaNAt(train_utils.make_array_iterator(make_latents(), 16, config.seed), at=3)
   with pytest.raises(train_utils.NonFiniteError, match=r"training step 3\b") as err:
     _run(workdir, config=config, train_iter=it, latent_shape=LATENT_SHAPE)
   assert err.value.step == 3
@@ -379,3 +380,20 @@ def test_nan_in_data_stops_with_step(tmp_path):
   ck = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"))
   assert list(ck.all_steps()) == [2]
   ck.close()
+
+
+def test_default_model_is_the_unet(tmp_path):
+  """model=None builds lfm_jax.models.create_model(config.model): a 2-level U-Net, width 16."""
+  config = tiny_config()
+  config.model.model_channels = 16
+  config.model.channel_mult = (1, 2)
+  config.model.num_res_blocks = 1
+  config.model.attention_resolutions = ()
+  config.model.norm_num_groups = 8
+  config.model.mid_attention = False
+  config.train.num_steps = 2
+  config.train.checkpoint_every = 0
+  state = train.train_and_evaluate(config, str(tmp_path), latents=make_latents(),
+                                   print_fn=lambda s: None)
+  assert int(state.step) == 2
+  assert any("loss" in r for r in train_utils.read_jsonl(str(tmp_path / "metrics.jsonl")))
