@@ -198,10 +198,15 @@ def _param_shapes(module, example_hw: int, in_channels: int):
   return flax.core.unfreeze(shapes["params"])
 
 
-def _example_hw(module) -> int:
+def _example_hw(module, latent_size: Optional[int] = None) -> int:
   inner = unwrap(module)
+  if latent_size is not None:
+    return int(latent_size)
   if isinstance(inner, DiT):
     return 2 * inner.patch_size
+  if inner.attention_semantics == "resolution" and tuple(inner.attention_resolutions):
+    raise ValueError("a U-Net with attention_semantics='resolution' needs latent_size to place "
+                     "its attention layers")
   return 2 ** (len(inner.channel_mult))
 
 
@@ -210,16 +215,18 @@ def _layout_of(module) -> str:
 
 
 def state_dict_to_params(state_dict: Mapping[str, Any], module, *, in_channels: int,
-                         source: str = "<state dict>") -> Dict:
+                         source: str = "<state dict>", latent_size: Optional[int] = None
+                         ) -> Dict:
   """Strict torch state dict -> Flax params of `module` (U-Net or DiT, possibly wrapped).
 
   in_channels: the network's input channels (latent + extra conditioning channels).
+  latent_size: input H (= W); only needed for a U-Net with "resolution" attention semantics.
   For DiT, `pos_embed` is checked against the fixed sin-cos embedding and not stored.
   """
   inner = unwrap(module)
   layout = _layout_of(module)
   sd = dict(state_dict)
-  shapes = _param_shapes(module, _example_hw(module), in_channels)
+  shapes = _param_shapes(module, _example_hw(module, latent_size), in_channels)
   flat = flax.traverse_util.flatten_dict(shapes)
   expected = {_torch_key(p): (p, _torch_shape(p, s.shape, layout)) for p, s in flat.items()}
   missing, mismatched = [], []
@@ -374,12 +381,15 @@ def infer_unet(sd: Mapping[str, np.ndarray], model_config=None, source="<state d
       extra_in_channels=in_ch - out_ch, out_channels=None)
 
 
-def unet_state_dict_to_params(sd, model_config=None, source="<state dict>", module=None):
-  """guided-diffusion state dict -> (UNet, params). module: convert into this one instead."""
+def unet_state_dict_to_params(sd, model_config=None, source="<state dict>", module=None,
+                              latent_size=None):
+  """guided-diffusion state dict -> (UNet, params). module: convert into this one instead
+  (latent_size is then needed if it uses "resolution" attention semantics)."""
   sd = extract_state_dict(sd)
   module = module or infer_unet(sd, model_config, source)
   in_ch = int(sd["input_blocks.0.0.weight"].shape[1]) if "input_blocks.0.0.weight" in sd else 4
-  return module, state_dict_to_params(sd, module, in_channels=in_ch, source=source)
+  return module, state_dict_to_params(sd, module, in_channels=in_ch, source=source,
+                                      latent_size=latent_size)
 
 
 def unet_params_to_state_dict(params, module) -> Dict[str, np.ndarray]:
