@@ -82,6 +82,7 @@ def get_config():
   model.num_classes = 10  # 0: unconditional. The null (guidance) label is index num_classes.
   model.extra_in_channels = 0  # conditioning channels concatenated to the latent (inpainting: 5)
   model.init_from = None  # a PyTorch checkpoint to start from (weights.load_velocity_checkpoint)
+  model.checkpoint_entry = "ema"  # which entry of a {"model", "ema"} checkpoint init_from takes
 
   # --- Flow matching (flow.py). LFM convention: t = 0 data, t = 1 noise.
   config.flow = flow = ml_collections.ConfigDict()

@@ -327,8 +327,11 @@ def load_flow_model(config, workdir: str, use_ema: bool = True) -> FlowModel:
   from lfm_jax import checkpoint as ckpt_lib, models, train, train_utils  # pylint: disable=g-import-not-at-top
   ckpt_dir = os.path.join(workdir, "checkpoints")
   step = _latest_step(ckpt_dir)
+  if step is None and config.model.get("init_from", None):
+    return _imported_flow_model(config, workdir)
   if step is None:
-    raise UserError(f"no flow-model checkpoint in {ckpt_dir}: run --mode=train first")
+    raise UserError(f"no flow-model checkpoint in {ckpt_dir}: run --mode=train first "
+                    "(or set config.model.init_from to a PyTorch checkpoint)")
   run_config = load_workdir_config(workdir) if os.path.abspath(workdir) != os.path.abspath(
       getattr(config, "_workdir", workdir)) else config
   checkpointer = ckpt_lib.Checkpointer(ckpt_dir)
@@ -352,6 +355,37 @@ def load_flow_model(config, workdir: str, use_ema: bool = True) -> FlowModel:
       scale = json.load(f)["scale_factor"]
   params = state.ema_params if use_ema else state.params
   return FlowModel(model, params, run_config, latent_shape, float(scale or 1.0))
+
+
+def import_velocity_checkpoint(config):
+  """(module, params) of config.model.init_from, a PyTorch LFM / stability-repo checkpoint."""
+  from lfm_jax import weights  # pylint: disable=g-import-not-at-top
+  path = config.model.init_from
+  if not os.path.isfile(path):
+    raise UserError(f"config.model.init_from: {path} does not exist")
+  try:
+    return weights.load_velocity_checkpoint(path, config.model)
+  except weights.WeightConversionError as e:
+    lines = str(e).splitlines()
+    raise UserError(f"config.model.init_from: {lines[0]} {lines[1].strip() if len(lines) > 1 else ''}"
+                    f" (+{max(len(lines) - 2, 0)} more)") from e
+  except (OSError, ValueError, KeyError) as e:
+    raise UserError(f"config.model.init_from: cannot load {path}: {e}") from e
+
+
+def _imported_flow_model(config, workdir: str) -> "FlowModel":
+  module, params = import_velocity_checkpoint(config)
+  manifest = os.path.join(workdir, "latents", "manifest.json")
+  if os.path.isfile(manifest):
+    with open(manifest) as f:
+      m = json.load(f)
+    latent_shape, scale = tuple(m["latent_shape"]), m["scale_factor"]
+  else:
+    size = config.data.image_size // 2 ** (len(config.autoencoder.block_out_channels) - 1)
+    latent_shape = (size, size, int(config.autoencoder.latent_channels))
+    scale = config.autoencoder.scale_factor
+  say(f"model: sampling the imported checkpoint {config.model.init_from} (latents {latent_shape})")
+  return FlowModel(module, params, config, latent_shape, float(scale or 1.0))
 
 
 _VELOCITY_FNS: dict = {}
