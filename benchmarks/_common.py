@@ -1,0 +1,343 @@
+"""Shared helpers of the benchmark scripts (timing, JSON output, FLOP counting, compile counting).
+
+Every script prints one JSON object per line and nothing else on stdout (progress goes to
+stderr). Timings are medians over timed iterations after warm-up; compile time is reported
+separately. Each record carries the platform, device count and the machine's load average at
+the start of the measurement, because on a shared machine a timing taken under load is not
+comparable with one taken on an idle machine.
+
+Must be imported *after* the script has set XLA_FLAGS (see `set_host_device_count`).
+"""
+
+import json
+import logging
+import os
+import statistics
+import sys
+import time
+from typing import Any, Callable, Optional, Sequence
+
+
+def set_host_device_count(n: Optional[int]) -> None:
+  """Asks XLA for `n` host (CPU) devices; must run before jax is imported. No-op for None/0.
+
+  Only the host platform is affected: on GPU/TPU the accelerator devices are used as they are.
+  """
+  if not n:
+    return
+  if "jax" in sys.modules:
+    raise RuntimeError("set_host_device_count must run before jax is imported")
+  flags = [f for f in os.environ.get("XLA_FLAGS", "").split()
+           if not f.startswith("--xla_force_host_platform_device_count")]
+  flags.append(f"--xla_force_host_platform_device_count={int(n)}")
+  os.environ["XLA_FLAGS"] = " ".join(flags)
+
+
+def log(*args) -> None:
+  print(*args, file=sys.stderr, flush=True)
+
+
+def loadavg() -> Optional[float]:
+  try:
+    return round(os.getloadavg()[0], 2)
+  except OSError:
+    return None
+
+
+def environment() -> dict:
+  """Platform facts attached to every record."""
+  import jax  # pylint: disable=g-import-not-at-top
+  dev = jax.devices()[0]
+  return {
+      "platform": dev.platform,
+      "device_kind": getattr(dev, "device_kind", ""),
+      "num_devices": jax.device_count(),
+      "cpu_count": os.cpu_count(),
+      "jax": jax.__version__,
+  }
+
+
+def emit(record: dict) -> None:
+  """Prints one measurement as one JSON line on stdout."""
+  print(json.dumps(record, sort_keys=False, default=_json_default), flush=True)
+
+
+def _json_default(x):
+  try:
+    import numpy as np  # pylint: disable=g-import-not-at-top
+    if isinstance(x, np.generic):
+      return x.item()
+    if isinstance(x, np.ndarray):
+      return x.tolist()
+  except ImportError:
+    pass
+  return str(x)
+
+
+def block(x: Any) -> Any:
+  import jax  # pylint: disable=g-import-not-at-top
+  return jax.block_until_ready(x)
+
+
+def time_calls(fn: Callable[[], Any], iters: int, warmup: int = 2) -> dict:
+  """Runs fn() `warmup` times, then `iters` timed times (each blocked until ready).
+
+  Returns wall-clock and process-CPU medians in ms (CPU time / wall time ≈ threads kept busy;
+  CPU time is less sensitive to other processes on the machine than wall time), min and the
+  load average before the timed loop.
+  """
+  for _ in range(warmup):
+    block(fn())
+  load = loadavg()
+  walls, cpus = [], []
+  for _ in range(iters):
+    w0, c0 = time.perf_counter(), time.process_time()
+    block(fn())
+    walls.append(time.perf_counter() - w0)
+    cpus.append(time.process_time() - c0)
+  return {
+      "ms": 1e3 * statistics.median(walls),
+      "ms_min": 1e3 * min(walls),
+      "cpu_ms": 1e3 * statistics.median(cpus),
+      "iters": iters,
+      "loadavg": load,
+  }
+
+
+def time_stateful(step: Callable[[Any], Any], carry: Any, iters: int, warmup: int = 2):
+  """Like time_calls for a step carry -> carry (e.g. a train step with a donated state)."""
+  for _ in range(warmup):
+    carry = block(step(carry))
+  load = loadavg()
+  walls, cpus = [], []
+  for _ in range(iters):
+    w0, c0 = time.perf_counter(), time.process_time()
+    carry = block(step(carry))
+    walls.append(time.perf_counter() - w0)
+    cpus.append(time.process_time() - c0)
+  stats = {
+      "ms": 1e3 * statistics.median(walls),
+      "ms_min": 1e3 * min(walls),
+      "cpu_ms": 1e3 * statistics.median(cpus),
+      "iters": iters,
+      "loadavg": load,
+  }
+  return carry, stats
+
+
+def xla_flops(compiled: Any) -> Optional[float]:
+  """FLOPs of a compiled executable from XLA's cost analysis (None if the backend has none)."""
+  try:
+    cost = compiled.cost_analysis()
+  except Exception:  # pylint: disable=broad-except
+    return None
+  if isinstance(cost, (list, tuple)):
+    cost = cost[0] if cost else None
+  if not cost or "flops" not in cost:
+    return None
+  return float(cost["flops"])
+
+
+def matmul_peak(n: int = 2048, iters: int = 20, dtype: str = "float32") -> dict:
+  """This machine's dense matmul rate: jnp.dot of two n×n matrices (default precision)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  ka, kb = jax.random.split(jax.random.PRNGKey(0))
+  a = jax.random.normal(ka, (n, n), dtype)
+  b = jax.random.normal(kb, (n, n), dtype)
+  f = jax.jit(jnp.dot)
+  t = time_calls(lambda: f(a, b), iters=iters, warmup=2)
+  flops = 2.0 * n ** 3
+  return {"n": n, "dtype": dtype, "flops": flops, "flops_per_s": flops / (t["ms"] * 1e-3),
+          **t}
+
+
+# ---------------------------------------------------------------------------------------------
+# Analytic FLOPs of the model maths: 2 * multiply-adds of every dot_general and convolution in a
+# jaxpr, kernel taps on padding included (the convention of PyTorch's FLOP counter and of
+# fvcore-style counters), so that a convolution and its im2col + matmul form count the same.
+
+
+def _conv_flops(eqn) -> float:
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  lhs, rhs = eqn.invars[0].aval, eqn.invars[1].aval
+  out = eqn.outvars[0].aval
+  dn = eqn.params["dimension_numbers"]
+  # rhs spec: (out feature dim, in feature dim, *spatial dims)
+  rhs_spec = dn.rhs_spec
+  kernel_spatial = np.prod([rhs.shape[d] for d in rhs_spec[2:]])
+  cin_per_group = rhs.shape[rhs_spec[1]]
+  del lhs
+  # A transposed (input-gradient) conv of a strided conv has lhs_dilation > 1: only one tap in
+  # prod(lhs_dilation) meets a real input element; the holes are not model maths.
+  holes = float(np.prod(eqn.params.get("lhs_dilation", None) or (1,)))
+  return 2.0 * float(np.prod(out.shape)) * float(kernel_spatial) * float(cin_per_group) / holes
+
+
+def _dot_flops(eqn) -> float:
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  lhs = eqn.invars[0].aval
+  out = eqn.outvars[0].aval
+  (lc, _), _ = eqn.params["dimension_numbers"]
+  contract = np.prod([lhs.shape[d] for d in lc]) if lc else 1
+  return 2.0 * float(np.prod(out.shape)) * float(contract)
+
+
+def jaxpr_matmul_flops(closed_jaxpr) -> float:
+  """2 × MACs of all dot_general / conv_general_dilated in a (closed) jaxpr, sub-jaxprs included
+  (scan bodies times their length; cond: the most expensive branch; while: one iteration)."""
+  from jax.extend import core as jcore  # pylint: disable=g-import-not-at-top
+
+  def walk(jaxpr) -> float:
+    total = 0.0
+    for eqn in jaxpr.eqns:
+      name = eqn.primitive.name
+      if name == "dot_general":
+        total += _dot_flops(eqn)
+      elif name == "conv_general_dilated":
+        total += _conv_flops(eqn)
+      elif name == "scan":
+        total += eqn.params["length"] * walk(eqn.params["jaxpr"].jaxpr)
+      elif name == "cond":
+        total += max(walk(b.jaxpr) for b in eqn.params["branches"])
+      else:
+        for v in eqn.params.values():
+          for sub in (v if isinstance(v, (list, tuple)) else (v,)):
+            if isinstance(sub, jcore.ClosedJaxpr):
+              total += walk(sub.jaxpr)
+            elif isinstance(sub, jcore.Jaxpr):
+              total += walk(sub)
+    return total
+
+  return walk(closed_jaxpr.jaxpr)
+
+
+# ---------------------------------------------------------------------------------------------
+# Compilation counting via jax_log_compiles.
+
+
+class CompileCounter(logging.Handler):
+  """Counts "Finished XLA compilation of <name>" log records (jax_log_compiles) per function.
+
+  Usage: counter = CompileCounter.install(); ...; counter.count("train_step").
+  """
+
+  def __init__(self):
+    super().__init__(level=logging.DEBUG)
+    self.records: list[tuple[str, float]] = []
+
+  def emit(self, record: logging.LogRecord) -> None:
+    msg = record.getMessage()
+    if msg.startswith("Finished XLA compilation of "):
+      rest = msg[len("Finished XLA compilation of "):]
+      name, _, tail = rest.rpartition(" in ")
+      try:
+        secs = float(tail.split()[0])
+      except (ValueError, IndexError):
+        secs = float("nan")
+      self.records.append((name, secs))
+
+  def count(self, substring: str = "") -> int:
+    return sum(1 for name, _ in self.records if substring in name)
+
+  def seconds(self, substring: str = "") -> float:
+    return sum(s for name, s in self.records if substring in name)
+
+  _instance: Optional["CompileCounter"] = None
+
+  @classmethod
+  def install(cls) -> "CompileCounter":
+    """Turns on jax_log_compiles and attaches one shared counter (idempotent)."""
+    import jax  # pylint: disable=g-import-not-at-top
+    jax.config.update("jax_log_compiles", True)
+    if cls._instance is not None:
+      return cls._instance
+    handler = cls._instance = cls()
+    for name in ("jax._src.dispatch", "jax._src.interpreters.pxla"):
+      lg = logging.getLogger(name)
+      lg.addHandler(handler)
+      lg.setLevel(logging.WARNING)
+      lg.propagate = False  # keep stderr quiet; the handler still sees the records
+    return handler
+
+
+def common_args(parser, default_iters: int = 20) -> None:
+  """--iters, --warmup, --quick, --host-devices, --out (also append the JSON lines to a file)."""
+  parser.add_argument("--iters", type=int, default=default_iters,
+                      help="timed iterations per measurement (median reported)")
+  parser.add_argument("--warmup", type=int, default=2, help="untimed iterations after compile")
+  parser.add_argument("--quick", action="store_true",
+                      help="tiny sizes and few iterations (a smoke test, seconds)")
+  parser.add_argument("--host-devices", type=int, default=0,
+                      help="simulate N host (CPU) devices via XLA_FLAGS (0: leave as is)")
+  parser.add_argument("--precision", default=None,
+                      help="jax_default_matmul_precision (default: jax's default)")
+
+
+def pre_jax_setup(argv: Optional[Sequence[str]] = None) -> None:
+  """Applies --host-devices before jax is imported (scans argv by hand)."""
+  argv = list(sys.argv[1:] if argv is None else argv)
+  for i, a in enumerate(argv):
+    if a.startswith("--host-devices="):
+      set_host_device_count(int(a.split("=", 1)[1]))
+    elif a == "--host-devices" and i + 1 < len(argv):
+      set_host_device_count(int(argv[i + 1]))
+  os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+
+def post_jax_setup(args) -> None:
+  import jax  # pylint: disable=g-import-not-at-top
+  if args.precision:
+    jax.config.update("jax_default_matmul_precision", args.precision)
+
+
+# ---------------------------------------------------------------------------------------------
+# Untrained velocity fields for the sampling benchmarks.
+
+
+def nonzero_params(params: Any, rng: Any, scale: float = 0.02) -> Any:
+  """A fresh init with its zero-initialised leaves (ADM/DiT output layers, adaLN-Zero) replaced
+  by N(0, scale²) so that the network's output depends on its input (an untrained but
+  non-trivial velocity; timing does not depend on the values)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  leaves, treedef = jax.tree.flatten(params)
+  keys = jax.random.split(rng, len(leaves))
+  out = [jnp.where(jnp.all(x == 0), scale * jax.random.normal(k, x.shape, x.dtype), x)
+         for x, k in zip(leaves, keys)]
+  return jax.tree.unflatten(treedef, out)
+
+
+def init_model_params(model: Any, shape: Sequence[int], seed: int = 0) -> Any:
+  """Jitted init (batch 1, unconditional) + nonzero_params."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+
+  @jax.jit
+  def init(rng):
+    r1, r2 = jax.random.split(rng)
+    x = jnp.zeros((1,) + tuple(shape), jnp.float32)
+    p = model.init({"params": r1, "dropout": r1}, x, jnp.zeros((1,), jnp.float32))["params"]
+    return nonzero_params(p, r2)
+
+  return init(jax.random.PRNGKey(seed))
+
+
+def make_velocity(model: Any, data_std: float = 0.5):
+  """velocity(t, z, params) = Gaussian-data marginal velocity (std data_std) + network(z, t).
+
+  The analytic term (lfm_jax.flow.gaussian_marginal_velocity) gives the ODE the large-scale
+  behaviour of a trained flow (noise contracts towards data); the untrained network adds a
+  model-dependent residual and all of the cost. A module-level function of (t, z, args) so that
+  lfm_jax.sampling reuses one compilation across parameter sets.
+  """
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from lfm_jax import flow  # pylint: disable=g-import-not-at-top
+
+  def velocity(t, z, params):
+    tb = jnp.broadcast_to(jnp.asarray(t, jnp.float32), (z.shape[0],))
+    v_net = model.apply({"params": params}, z, tb, train=False)
+    v_base = flow.gaussian_marginal_velocity(tb, z, 0.0, data_std)
+    return v_base + v_net
+
+  return velocity
