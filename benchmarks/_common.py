@@ -295,32 +295,42 @@ def post_jax_setup(args) -> None:
 # Untrained velocity fields for the sampling benchmarks.
 
 
-def nonzero_params(params: Any, rng: Any, scale: float = 0.02) -> Any:
-  """A fresh init with its zero-initialised leaves (ADM/DiT output layers, adaLN-Zero) replaced
-  by N(0, scale²) so that the network's output depends on its input (an untrained but
-  non-trivial velocity; timing does not depend on the values)."""
+def random_params(init_fn: Callable[[Any], Any], seed: int = 0) -> Any:
+  """Random parameters with the shapes of init_fn(rng)'s tree, drawn on the host (numpy).
+
+  jax.eval_shape gives the shapes without compiling anything (a jitted Flax init of a U-Net
+  compiles for longer than the quick benchmarks run). Kernels (ndim >= 2) ~ N(0, 1/fan_in),
+  norm scales 1, other vectors N(0, 0.02²): an untrained but well-scaled network (timing does
+  not depend on the values).
+  """
   import jax  # pylint: disable=g-import-not-at-top
-  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  leaves, treedef = jax.tree.flatten(params)
-  keys = jax.random.split(rng, len(leaves))
-  out = [jnp.where(jnp.all(x == 0), scale * jax.random.normal(k, x.shape, x.dtype), x)
-         for x, k in zip(leaves, keys)]
-  return jax.tree.unflatten(treedef, out)
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  shapes = jax.eval_shape(init_fn, jax.random.PRNGKey(seed))
+  rng = np.random.default_rng(seed)
+
+  def draw(path, s):
+    name = str(path[-1]) if path else ""
+    if len(s.shape) >= 2:
+      fan_in = int(np.prod(s.shape[:-1]))
+      x = rng.standard_normal(s.shape) / np.sqrt(max(fan_in, 1))
+    elif "scale" in name:
+      x = np.ones(s.shape)
+    else:
+      x = 0.02 * rng.standard_normal(s.shape)
+    return jax.device_put(x.astype(s.dtype))
+
+  return jax.tree_util.tree_map_with_path(draw, shapes)
 
 
 def init_model_params(model: Any, shape: Sequence[int], seed: int = 0) -> Any:
-  """Jitted init (batch 1, unconditional) + nonzero_params."""
-  import jax  # pylint: disable=g-import-not-at-top
+  """Random params of a velocity network (batch-1, unconditional shapes), see random_params."""
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
 
-  @jax.jit
   def init(rng):
-    r1, r2 = jax.random.split(rng)
     x = jnp.zeros((1,) + tuple(shape), jnp.float32)
-    p = model.init({"params": r1, "dropout": r1}, x, jnp.zeros((1,), jnp.float32))["params"]
-    return nonzero_params(p, r2)
+    return model.init({"params": rng, "dropout": rng}, x, jnp.zeros((1,), jnp.float32))["params"]
 
-  return init(jax.random.PRNGKey(seed))
+  return random_params(init, seed)
 
 
 def make_velocity(model: Any, data_std: float = 0.5):

@@ -6,7 +6,7 @@ autoencoder section: the embedded default's small KL autoencoder, 4× downsampli
 
 Velocity network: the embedded default's U-Net (configs/default.py model section, made
 unconditional) on the default's latent shape (4×4×4) unless --model/--latent-size say
-otherwise, with random weights (zero-initialised output layers re-drawn, see
+otherwise, with random weights (kernels ~ N(0, 1/fan_in), output layers included; see
 benchmarks/_common.py make_velocity: velocity = analytic Gaussian-data flow + network). Timing
 does not depend on the weights for the fixed-step solvers; Dopri5's NFE does (a trained model's
 count will differ).
@@ -83,8 +83,10 @@ def main(argv=None):
     config.model.model_channels = args.model_channels
   if args.quick:
     config.model.model_channels = 8
+    config.model.channel_mult = (1,)
+    config.model.mid_attention = False
     config.model.norm_num_groups = 4
-    config.autoencoder.block_out_channels = (8, 16)
+    config.autoencoder.block_out_channels = (8,)
     config.autoencoder.norm_num_groups = 4
   ae = AutoencoderKL.from_config(config.autoencoder, in_channels=int(config.data.channels))
   f = ae.downsample_factor
@@ -92,9 +94,8 @@ def main(argv=None):
   latent_shape = (size // f, size // f, int(config.autoencoder.latent_channels))
   model = models.create_model(config.model, latent_shape)
   params = C.init_model_params(model, latent_shape, seed=0)
-  ae_params = jax.jit(lambda r: ae.init(r, jnp.zeros((1, size, size, int(config.data.channels))))
-                      ["params"])(jax.random.PRNGKey(1))
-  ae_params = jax.jit(C.nonzero_params)(ae_params, jax.random.PRNGKey(2))
+  ae_params = C.random_params(
+      lambda r: ae.init(r, jnp.zeros((1, size, size, int(config.data.channels))))["params"], 1)
   velocity = C.make_velocity(model)
   noise = jax.random.normal(jax.random.PRNGKey(3), (args.batch_size,) + latent_shape)
 
