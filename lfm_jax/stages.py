@@ -35,7 +35,6 @@ class UserError(Exception):
 def say(message: str) -> None:
   """Stage progress for humans (stdout) and the log."""
   print(f"[lfm_jax] {message}", flush=True)
-  logging.info("%s", message)
 
 
 # ----------------------------------------------------------------------------- workdir and config
@@ -167,21 +166,56 @@ def load_autoencoder(config, workdir: str, train_if_missing: bool = True) -> Aut
     say(f"autoencoder: loaded pretrained weights from {path}")
     return Autoencoder(module, params, {"pretrained": ident}, path)
 
-  from lfm_jax import autoencoder_train  # pylint: disable=g-import-not-at-top
-  exported = autoencoder_train.exported_dir(workdir)
-  if autoencoder_train.is_complete(config, workdir):
+  exported = autoencoder_export_dir(workdir)
+  if _autoencoder_complete(config, workdir):
     module, params = weights.load_autoencoder_kl(exported)
     say(f"autoencoder: reusing the one trained in {exported}")
   elif not train_if_missing:
     raise UserError(f"no trained autoencoder in {workdir}/autoencoder: run --mode=autoencoder "
                     "first, or set config.autoencoder.pretrained")
   else:
-    say(f"autoencoder: training {config.autoencoder.train.num_steps} steps "
-        f"(block_out_channels={tuple(config.autoencoder.block_out_channels)})")
-    module, params = autoencoder_train.train_autoencoder(config, workdir)
+    _train_autoencoder(config, workdir)
     module, params = weights.load_autoencoder_kl(exported)  # the same path as pretrained weights
   return Autoencoder(module, params, {"trained": _file_identity(_largest_file(exported))},
                      exported)
+
+
+def autoencoder_export_dir(workdir: str) -> str:
+  """Where the trained autoencoder is exported (diffusers layout, loaded like pretrained weights)."""
+  return os.path.join(workdir, "autoencoder", "diffusers")
+
+
+def _autoencoder_complete(config, workdir: str) -> bool:
+  exported = autoencoder_export_dir(workdir)
+  step = _latest_step(os.path.join(workdir, "autoencoder", "checkpoints"))
+  return (os.path.isfile(os.path.join(exported, "config.json")) and step is not None
+          and step >= int(config.autoencoder.train.num_steps))
+
+
+def _train_autoencoder(config, workdir: str) -> None:
+  from lfm_jax import autoencoder_train, checkpoint as ckpt_lib, input_pipeline, train_utils  # pylint: disable=g-import-not-at-top
+  data = config.data
+  tcfg = config.autoencoder.train
+  try:
+    n = input_pipeline.num_examples(data, data.train_split)
+  except _data_errors() as e:
+    raise UserError(str(e).splitlines()[0]) from e
+  in_memory = n * data.image_size ** 2 * data.channels * 4 < 2 ** 30
+  say(f"autoencoder: training {tcfg.num_steps} steps on {n} images of {data.name} "
+      f"(block_out_channels={tuple(config.autoencoder.block_out_channels)})")
+  eval_images, _, _ = load_images(config, data.eval_split, max_examples=256)
+  kw = {}
+  if in_memory:
+    kw["images"], _, _ = load_images(config, data.train_split)
+  else:
+    kw["train_iter"] = input_pipeline.ResumableIterator(
+        data, data.train_split, batch_size=int(tcfg.batch_size), shuffle=True, seed=config.seed,
+        repeat=True)
+  try:
+    autoencoder_train.train_autoencoder(config, workdir, eval_images=eval_images, print_fn=say,
+                                        **kw)
+  except (ckpt_lib.CheckpointError, train_utils.NonFiniteError) as e:
+    raise UserError(str(e).splitlines()[0]) from e
 
 
 def _largest_file(directory: str) -> str:
@@ -527,7 +561,7 @@ def run_sample(config, workdir: str, ae: Optional[Autoencoder] = None) -> dict:
   tag = f"{config.sample.solver}_g{config.sample.guidance_scale:g}"
   grid_path = os.path.join(sdir, f"samples_{tag}.png")
   cols = -(-num // model.num_classes) if model.num_classes else None
-  train_utils.save_image_grid(out["images"], grid_path, **({"cols": cols} if cols else {}))
+  train_utils.save_image_grid(out["images"], grid_path, ncols=cols)
   np.savez(os.path.join(sdir, f"samples_{tag}.npz"), images=out["images"], latents=out["latents"],
            labels=labels if labels is not None else np.zeros((0,), np.int32))
   record = {"stage": "sample", "solver": config.sample.solver, "guidance_scale":
