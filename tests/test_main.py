@@ -1,0 +1,195 @@
+"""The command line and the stages: a tiny pipeline end to end, reuse, resume, bad inputs (issue 8)."""
+
+import json
+import os
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from lfm_jax import main as main_lib
+from lfm_jax import stages
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(REPO, "configs"))
+import default as default_config  # noqa: E402  pylint: disable=g-import-not-at-top
+
+
+def tiny_config(data_dir, **overrides):
+  """The embedded default, shrunk to seconds: 8x8 digits, tiny widths, few steps."""
+  c = default_config.get_config()
+  c.data.data_dir = str(data_dir)
+  c.data.image_size = 8
+  c.autoencoder.block_out_channels = (8, 16)
+  c.autoencoder.norm_num_groups = 8
+  c.autoencoder.train.num_steps = 30
+  c.autoencoder.train.log_every = 10
+  c.model.model_channels = 16
+  c.model.channel_mult = (1, 2)
+  c.model.norm_num_groups = 8
+  c.model.mid_attention = False
+  c.train.batch_size = 64
+  c.train.num_steps = 20
+  c.train.log_every = 10
+  c.train.checkpoint_every = 10
+  c.train.sample_every = 0
+  c.sample.num_steps = 8
+  c.sample.num_samples = 20
+  c.sample.batch_size = 24
+  c.eval.num_samples = 48
+  c.eval.batch_size = 48
+  c.eval.kid_subsets = 5
+  for key, value in overrides.items():
+    node = c
+    *path, leaf = key.split(".")
+    for p in path:
+      node = node[p]
+    node[leaf] = value
+  return c
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+  return tmp_path_factory.mktemp("tfds")
+
+
+@pytest.fixture(scope="module")
+def pipeline_run(tmp_path_factory, data_dir):
+  workdir = str(tmp_path_factory.mktemp("pipeline"))
+  t0 = time.time()
+  results = stages.run(tiny_config(data_dir), workdir)
+  return workdir, results, time.time() - t0
+
+
+def test_pipeline_writes_everything(pipeline_run):
+  workdir, results, seconds = pipeline_run
+  print(f"tiny pipeline: {seconds:.1f} s")
+  for path in ["config.json", "metrics.jsonl", "autoencoder/diffusers/config.json",
+               "latents/manifest.json", "eval/metrics.json"]:
+    assert os.path.exists(os.path.join(workdir, path)), path
+  assert os.path.isfile(results["sample"]["grid"])
+  assert any(f.startswith("events.out.tfevents") for f in os.listdir(workdir))
+  with open(os.path.join(workdir, "config.json")) as f:
+    assert json.load(f)["train"]["num_steps"] == 20
+  ev = results["evaluate"]
+  assert ev["nfe"] == 8 and ev["sec_per_image"] > 0
+  assert "fd_digits_classifier" in ev and "fid" not in ev  # labelled, never called FID
+  assert 0.0 <= ev["class_agreement_digits_classifier"] <= 1.0
+  records = [json.loads(l) for l in open(os.path.join(workdir, "metrics.jsonl"))]
+  assert any("loss" in r for r in records) and any(r.get("stage") == "evaluate" for r in records)
+
+
+def test_second_run_reuses_every_stage(pipeline_run, data_dir, capsys):
+  workdir, _, first = pipeline_run
+  capsys.readouterr()
+  t0 = time.time()
+  stages.run(tiny_config(data_dir), workdir)
+  second = time.time() - t0
+  out = capsys.readouterr().out
+  assert "autoencoder: reusing" in out
+  assert "reusing latent cache" in out
+  assert "train: reusing the finished model" in out
+  assert "reusing the digits classifier" in out
+  print(f"first run {first:.1f} s, second {second:.1f} s")
+  assert second < first
+
+
+def test_training_continues_from_last_checkpoint(pipeline_run, data_dir, capsys):
+  workdir, _, _ = pipeline_run
+  capsys.readouterr()
+  stages.run(tiny_config(data_dir, mode="train", **{"train.num_steps": 30}), workdir)
+  out = capsys.readouterr().out
+  assert "resuming at step 20" in out
+  assert stages._latest_step(os.path.join(workdir, "checkpoints")) == 30
+
+
+def test_sample_mode_with_coarse_to_fine_and_score_and_stability(pipeline_run, data_dir, tmp_path):
+  workdir, _, _ = pipeline_run
+  cfg = tiny_config(data_dir, mode="sample", **{"coarse_to_fine.light_workdir": workdir,
+                                               "coarse_to_fine.light_fraction": 0.5})
+  result = stages.run(cfg, workdir)
+  assert result["nfe_light"] == 4 and result["nfe_heavy"] == 4
+  result = stages.run(tiny_config(data_dir, mode="score"), workdir)
+  with np.load(result["scores"]) as z:
+    assert len(z["ids"]) == 1437 and np.isfinite(z["scores"]).all()
+  # The same model against itself: identical samples, far above the shuffled baseline.
+  report = stages.run(tiny_config(data_dir, mode="stability",
+                                  **{"stability.other_workdir": workdir,
+                                     "stability.num_samples": 16}), workdir)
+  assert report["same_seed/cosine"] > 0.999 > report["shuffled/cosine"]
+  assert os.path.isfile(os.path.join(workdir, "stability", "pairs.png"))
+
+
+# --- bad inputs: each a one-line error before anything compiles ---
+
+
+def test_invalid_value_names_the_key(tmp_path, data_dir):
+  with pytest.raises(stages.UserError, match=r"config\.train\.batch_size"):
+    stages.run(tiny_config(data_dir, **{"train.batch_size": -4}), str(tmp_path))
+  with pytest.raises(stages.UserError, match=r"config\.sample\.solver"):
+    stages.run(tiny_config(data_dir, **{"sample.solver": "rk45"}), str(tmp_path))
+  assert not os.path.exists(os.path.join(tmp_path, "config.json"))  # nothing written
+
+
+def test_unwritable_workdir(tmp_path, data_dir, monkeypatch):
+  with pytest.raises(stages.UserError, match="cannot create workdir"):
+    stages.run(tiny_config(data_dir), "/proc/lfm_jax_workdir")
+  blocker = tmp_path / "file"
+  blocker.write_text("x")
+  with pytest.raises(stages.UserError, match="cannot create workdir"):
+    stages.run(tiny_config(data_dir), str(blocker / "sub"))
+  monkeypatch.setattr(os, "access", lambda *a, **k: False)  # root ignores chmod: simulate it
+  with pytest.raises(stages.UserError, match="not writable"):
+    stages.run(tiny_config(data_dir), str(tmp_path))
+
+
+def test_missing_prerequisites(tmp_path, data_dir):
+  with pytest.raises(stages.UserError, match="run --mode=train first"):
+    stages.run(tiny_config(data_dir, mode="sample"), str(tmp_path))
+  with pytest.raises(stages.UserError, match="run --mode=encode first"):
+    stages.run(tiny_config(data_dir, mode="train"), str(tmp_path))
+
+
+def test_missing_data_set_offline_fails_fast(tmp_path):
+  t0 = time.time()
+  cfg = tiny_config(tmp_path / "empty_tfds", **{"data.name": "celeb_a_hq/256", "data.channels": 3})
+  with pytest.raises(stages.UserError, match="celeb_a_hq"):
+    stages.run(cfg, str(tmp_path / "w"))
+  assert time.time() - t0 < 10
+
+
+def test_weights_of_the_wrong_model(tmp_path, data_dir):
+  from safetensors.numpy import save_file
+  path = str(tmp_path / "not_a_vae.safetensors")
+  save_file({"input_blocks.0.0.weight": np.zeros((32, 4, 3, 3), np.float32)}, path)
+  with pytest.raises(stages.UserError, match="autoencoder"):
+    stages.run(tiny_config(data_dir, **{"autoencoder.pretrained": path}), str(tmp_path / "w"))
+
+
+def _cli(*args, timeout=120):
+  return subprocess.run([sys.executable, "-m", "lfm_jax.main", *args], cwd=REPO,
+                        capture_output=True, text=True, timeout=timeout)
+
+
+def test_cli_errors_are_one_line_and_nonzero(tmp_path):
+  cfg = os.path.join(REPO, "configs", "default.py")
+  for extra, pattern in [
+      ("--config.train.bogus=3", "unknown config key 'config.train.bogus'"),
+      ("--config.train.batch_size=abc", "config.train.batch_size"),
+      ("--config.train.ema_decay=1.5", "config.train.ema_decay"),
+  ]:
+    r = _cli(f"--config={cfg}", f"--workdir={tmp_path}", extra)
+    assert r.returncode != 0, (extra, r.stderr)
+    errors = [l for l in r.stderr.splitlines() if l.startswith("error:")]
+    assert len(errors) == 1 and pattern in errors[0], (extra, r.stderr[-2000:])
+    assert "Traceback" not in r.stderr
+
+
+def test_parse_flags_rejects_unknown_key_inprocess(capsys):
+  with pytest.raises(SystemExit) as e:
+    main_lib.parse_flags(["prog", f"--config={REPO}/configs/default.py", "--workdir=/tmp/x",
+                          "--config.model.nonexistent=1"])
+  assert e.value.code == 2
+  assert "config.model.nonexistent" in capsys.readouterr().err
