@@ -125,6 +125,26 @@ def time_stateful(step: Callable[[Any], Any], carry: Any, iters: int, warmup: in
   return carry, stats
 
 
+def time_interleaved(fns: dict, iters: int, warmup: int = 2) -> dict:
+  """Times several callables in alternation (A, B, A, B, ...) so that a change of machine load
+  during the run hits all of them alike; returns {name: stats as time_calls}."""
+  for _ in range(warmup):
+    for fn in fns.values():
+      block(fn())
+  load = loadavg()
+  walls = {k: [] for k in fns}
+  cpus = {k: [] for k in fns}
+  for _ in range(iters):
+    for k, fn in fns.items():
+      w0, c0 = time.perf_counter(), time.process_time()
+      block(fn())
+      walls[k].append(time.perf_counter() - w0)
+      cpus[k].append(time.process_time() - c0)
+  return {k: {"ms": 1e3 * statistics.median(walls[k]), "ms_min": 1e3 * min(walls[k]),
+              "cpu_ms": 1e3 * statistics.median(cpus[k]), "iters": iters, "loadavg": load}
+          for k in fns}
+
+
 def xla_flops(compiled: Any) -> Optional[float]:
   """FLOPs of a compiled executable from XLA's cost analysis (None if the backend has none)."""
   try:
