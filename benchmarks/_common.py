@@ -289,19 +289,36 @@ def common_args(parser, default_iters: int = 20) -> None:
   parser.add_argument("--quick", action="store_true",
                       help="tiny sizes and few iterations (a smoke test, seconds)")
   parser.add_argument("--host-devices", type=int, default=0,
-                      help="simulate N host (CPU) devices via XLA_FLAGS (0: leave as is)")
+                      help="simulate N host (CPU) devices via XLA_FLAGS (0: the script's "
+                           "default; train_step/profile_step: one per core like lfm_jax.main)")
   parser.add_argument("--precision", default=None,
                       help="jax_default_matmul_precision (default: jax's default)")
 
 
-def pre_jax_setup(argv: Optional[Sequence[str]] = None) -> None:
-  """Applies --host-devices before jax is imported (scans argv by hand)."""
+def default_host_devices() -> int:
+  """What `python -m lfm_jax.main` uses: one host device per CPU core (at most 8), or
+  $LFM_JAX_CPU_DEVICES."""
+  return int(os.environ.get("LFM_JAX_CPU_DEVICES", min(os.cpu_count() or 1, 8)))
+
+
+def pre_jax_setup(argv: Optional[Sequence[str]] = None, auto_host_devices: bool = False) -> None:
+  """Applies --host-devices before jax is imported (scans argv by hand).
+
+  auto_host_devices: without --host-devices, use default_host_devices() like lfm_jax.main
+  does, unless XLA_FLAGS already sets a count or jax is already imported (tests).
+  """
   argv = list(sys.argv[1:] if argv is None else argv)
+  chosen = None
   for i, a in enumerate(argv):
     if a.startswith("--host-devices="):
-      set_host_device_count(int(a.split("=", 1)[1]))
+      chosen = int(a.split("=", 1)[1])
     elif a == "--host-devices" and i + 1 < len(argv):
-      set_host_device_count(int(argv[i + 1]))
+      chosen = int(argv[i + 1])
+  if chosen is None and auto_host_devices and "jax" not in sys.modules and (
+      "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", "")):
+    chosen = default_host_devices()
+  if chosen and "jax" not in sys.modules:
+    set_host_device_count(chosen)
   os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 

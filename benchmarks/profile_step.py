@@ -28,7 +28,7 @@ import tempfile
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _common as C  # noqa: E402
 
-C.pre_jax_setup()
+C.pre_jax_setup(auto_host_devices=True)  # one CPU device per core, as lfm_jax.main
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402

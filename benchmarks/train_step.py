@@ -6,6 +6,9 @@ BENCH-D  DiT-S/2 on 4×32×32 latents, batch 16, fp32, AdamW, EMA.
 
 The step is lfm_jax.train.make_train_step + jit_train_step on a parallel.create_mesh() mesh
 (state replicated and donated, batch sharded on "data"), i.e. what `train_and_evaluate` runs.
+On CPU the script, like `python -m lfm_jax.main`, asks XLA for one host device per core (at
+most 8; $LFM_JAX_CPU_DEVICES overrides) before importing jax, so the batch is split over the
+cores; `--host-devices 1` measures a single device.
 
 Printed (one JSON line each):
   {"kind": "matmul_peak", ...}    jnp.dot of two 2048×2048 fp32 matrices, median of --iters.
@@ -21,7 +24,7 @@ Printed (one JSON line each):
 
 Run:  python benchmarks/train_step.py                    # both benches, 20 timed steps each
       python benchmarks/train_step.py --bench U --iters 50
-      python benchmarks/train_step.py --host-devices 2   # CPU: 2 simulated devices, batch sharded
+      python benchmarks/train_step.py --host-devices 1   # CPU: one device (default: one per core)
       python benchmarks/train_step.py --quick            # tiny smoke run
 """
 
@@ -33,7 +36,7 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _common as C  # noqa: E402
 
-C.pre_jax_setup()
+C.pre_jax_setup(auto_host_devices=True)  # one CPU device per core, as lfm_jax.main
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
