@@ -42,7 +42,6 @@ def measure(args, n: int) -> dict:
   finally:
     parallel.create_mesh = orig
   rec["kind"] = "scaling"
-  rec["mesh_devices"] = n
   return rec
 
 

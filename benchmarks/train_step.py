@@ -115,7 +115,9 @@ def run_train_bench(bench: str, args, counter: C.CompileCounter, peak=None, step
   t1 = time.perf_counter()
   compiled = lowered.compile()
   t2 = time.perf_counter()
-  flops_xla = C.xla_flops(compiled)
+  # XLA's cost analysis of an SPMD-partitioned program is per device; scale to the whole step.
+  flops_xla_dev = C.xla_flops(compiled)
+  flops_xla = None if flops_xla_dev is None else flops_xla_dev * mesh.devices.size
   if args.dump_hlo:
     with open(args.dump_hlo + f".{bench}.txt", "w") as f:
       f.write(compiled.as_text())
@@ -150,6 +152,8 @@ def run_train_bench(bench: str, args, counter: C.CompileCounter, peak=None, step
       "first_step_s": round(first_s, 3),
       "flops_model": flops_model,
       "flops_xla": flops_xla,
+      "flops_xla_per_device": flops_xla_dev,
+      "mesh_devices": int(mesh.devices.size),
       "flops_per_s_model": flops_model / (ms * 1e-3),
       "flops_per_s_xla": None if flops_xla is None else flops_xla / (ms * 1e-3),
       "matmul_peak_flops_per_s": peak["flops_per_s"] if peak else None,
