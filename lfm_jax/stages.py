@@ -327,9 +327,17 @@ def run_train(config, workdir: str, ae: Optional[Autoencoder] = None) -> dict:
   say(f"train: {config.train.num_steps} steps of {config.model.name} on {len(arrays['mean'])} "
       f"latents {latent_shape}" + (f", resuming at step {done}" if done else ""))
   from lfm_jax import checkpoint as ckpt_lib, train_utils  # pylint: disable=g-import-not-at-top
+  model = init_params = None
+  if config.model.get("init_from", None):
+    model, init_params = import_velocity_checkpoint(config)
+    if done is None:
+      say(f"train: fine-tuning from {config.model.init_from}")
+    else:
+      init_params = None  # resuming: the checkpoint has the params
   try:
     train.train_and_evaluate(config, workdir, latents=arrays, latent_shape=latent_shape,
-                             scale_factor=cache["scale_factor"], sample_fn=sample_fn)
+                             scale_factor=cache["scale_factor"], sample_fn=sample_fn,
+                             model=model, initial_params=init_params)
   except (ckpt_lib.CheckpointError, train_utils.NonFiniteError) as e:
     raise UserError(str(e).splitlines()[0]) from e
   return {"checkpoints": ckpt_dir, "reused": False}
@@ -358,7 +366,7 @@ class FlowModel:
 
 def load_flow_model(config, workdir: str, use_ema: bool = True) -> FlowModel:
   """Restores the latest flow checkpoint of `workdir` (its own config.json decides the model)."""
-  from lfm_jax import checkpoint as ckpt_lib, models, train, train_utils  # pylint: disable=g-import-not-at-top
+  from lfm_jax import checkpoint as ckpt_lib, train, train_utils  # pylint: disable=g-import-not-at-top
   ckpt_dir = os.path.join(workdir, "checkpoints")
   step = _latest_step(ckpt_dir)
   if step is None and config.model.get("init_from", None):
@@ -372,7 +380,7 @@ def load_flow_model(config, workdir: str, use_ema: bool = True) -> FlowModel:
   try:
     meta = checkpointer.read_metadata(step)
     latent_shape = tuple(meta["config"]["latent_shape"])
-    model = models.create_model(run_config.model, latent_shape)
+    model = build_model(run_config, latent_shape)
     tx, _ = train_utils.create_optimizer(run_config.train)
     mesh = parallel.create_mesh()
     abstract = train.abstract_train_state(jax.random.PRNGKey(0), model, run_config, latent_shape,
@@ -405,6 +413,15 @@ def import_velocity_checkpoint(config):
                     f" (+{max(len(lines) - 2, 0)} more)") from e
   except (OSError, ValueError, KeyError) as e:
     raise UserError(f"config.model.init_from: cannot load {path}: {e}") from e
+
+
+def build_model(config, latent_shape):
+  """The velocity network of a config: the imported checkpoint's architecture when
+  config.model.init_from is set (inferred from its shapes), else create_model(config.model)."""
+  from lfm_jax import models  # pylint: disable=g-import-not-at-top
+  if config.model.get("init_from", None):
+    return import_velocity_checkpoint(config)[0]
+  return models.create_model(config.model, latent_shape)
 
 
 def _imported_flow_model(config, workdir: str) -> "FlowModel":
@@ -559,6 +576,8 @@ def run_sample(config, workdir: str, ae: Optional[Autoencoder] = None) -> dict:
   sdir = os.path.join(workdir, "samples")
   os.makedirs(sdir, exist_ok=True)
   tag = f"{config.sample.solver}_g{config.sample.guidance_scale:g}"
+  if light is not None:
+    tag += f"_c2f{config.coarse_to_fine.light_fraction:g}"
   grid_path = os.path.join(sdir, f"samples_{tag}.png")
   cols = -(-num // model.num_classes) if model.num_classes else None
   train_utils.save_image_grid(out["images"], grid_path, ncols=cols)
@@ -797,8 +816,7 @@ def run_stability(config, workdir: str, ae: Optional[Autoencoder] = None) -> dic
 
 def _training_sample_fn(config, ae: Autoencoder, latent_shape, scale_factor: float):
   """Sample-grid callback for the trainer: fixed noise, one row per class, EMA params."""
-  from lfm_jax import models  # pylint: disable=g-import-not-at-top
-  module = models.create_model(config.model, latent_shape)
+  module = build_model(config, latent_shape)
   num_classes = int(config.model.num_classes)
   n = 10 * max(min(num_classes, 10), 1) if num_classes else 64
   labels = np.repeat(np.arange(min(num_classes, 10), dtype=np.int32), 10) if num_classes else None

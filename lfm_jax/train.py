@@ -89,6 +89,26 @@ def create_train_state(rng: jax.Array, model: nn.Module, config: Any,
   return jax.jit(create, out_shardings=out_shardings)(rng)
 
 
+def train_state_from_params(rng: jax.Array, params: Any, config: Any, *,
+                            tx: Optional[optax.GradientTransformation] = None,
+                            mesh: Optional[jax.sharding.Mesh] = None) -> TrainState:
+  """A TrainState at step 0 starting from given params (fine-tuning an imported checkpoint).
+
+  The params are an argument of the jitted constructor (not constants baked into it).
+  """
+  if tx is None:
+    tx, _ = train_utils.create_optimizer(config.train)
+
+  def create(rng, params):
+    ema_params = jax.tree.map(lambda p: p + jnp.zeros_like(p), params)
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, ema_params=ema_params,
+                      opt_state=tx.init(params), rng=jax.random.split(rng)[1])
+
+  out_shardings = parallel.replicated(mesh) if mesh is not None else None
+  params = jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), params)
+  return jax.jit(create, out_shardings=out_shardings)(rng, params)
+
+
 def batch_latents(batch: Mapping[str, jax.Array], rng: jax.Array, scale_factor: float = 1.0,
                   sample_posterior: bool = True) -> jax.Array:
   """z0 from a batch: batch["latent"] as is, or s * (mean + exp(logvar / 2) * eps) (fresh eps)."""
@@ -229,6 +249,7 @@ def train_and_evaluate(
     scale_factor: Optional[float] = None,
     sample_fn: Optional[Callable[[Any, int], Optional[np.ndarray]]] = None,
     stop_after: Optional[int] = None,
+    initial_params: Optional[Any] = None,
     print_fn: Callable[[str], None] = print,
 ) -> TrainState:
   """Trains the velocity network by flow matching; resumes from <workdir>/checkpoints if present.
@@ -252,6 +273,8 @@ def train_and_evaluate(
       <workdir>/samples/step_<step>.png and TensorBoard. The trainer never calls a sampler or an
       autoencoder itself.
     stop_after: save and return after this step (as if preempted there; tests, time-boxed jobs).
+    initial_params: start a fresh run from these params (e.g. an imported PyTorch checkpoint, see
+      config.model.init_from) instead of a random init; ignored when resuming.
     print_fn: where the start-up sharding table is printed.
   Returns:
     The final TrainState (replicated global arrays).
@@ -295,13 +318,14 @@ def train_and_evaluate(
 
   try:
     return _train_loop(config, workdir, checkpointer, train_iter, model, mesh, tx, schedule, rng,
-                       latent_shape, scale_factor, sample_fn, stop_after, print_fn)
+                       latent_shape, scale_factor, sample_fn, stop_after, print_fn, initial_params)
   finally:
     checkpointer.close()  # waits for the last async save; never saves by itself
 
 
 def _train_loop(config, workdir, checkpointer, train_iter, model, mesh, tx, schedule, rng,
-                latent_shape, scale_factor, sample_fn, stop_after, print_fn) -> TrainState:
+                latent_shape, scale_factor, sample_fn, stop_after, print_fn,
+                initial_params=None) -> TrainState:
   """The body of train_and_evaluate (restore-or-init, then the step loop)."""
   tcfg = config.train
   num_steps = int(tcfg.num_steps)
@@ -313,6 +337,8 @@ def _train_loop(config, workdir, checkpointer, train_iter, model, mesh, tx, sche
     if input_state:
       train_iter.restore(input_state)
     logging.info("Resumed from %s at step %d", checkpointer.step_path(latest), int(state.step))
+  elif initial_params is not None:
+    state = train_state_from_params(rng, initial_params, config, tx=tx, mesh=mesh)
   else:
     state = create_train_state(rng, model, config, latent_shape, tx=tx, mesh=mesh)
   start_step = int(jax.device_get(state.step))

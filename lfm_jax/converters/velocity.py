@@ -378,7 +378,9 @@ def infer_unet(sd: Mapping[str, np.ndarray], model_config=None, source="<state d
       use_scale_shift_norm=scale_shift, resblock_updown=resblock_updown,
       use_new_attention_order=bool(_get(model_config, "use_new_attention_order", False)),
       mid_attention=mid_attention, num_classes=num_classes, learn_null_class=learn_null,
-      extra_in_channels=in_ch - out_ch, out_channels=None)
+      extra_in_channels=in_ch - out_ch, out_channels=None,
+      # GroupNorm's group count is not in the weights: it comes from the config (ADM: 32).
+      norm_num_groups=int(_get(model_config, "norm_num_groups", 32) or 32))
 
 
 def unet_state_dict_to_params(sd, model_config=None, source="<state dict>", module=None,
