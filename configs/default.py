@@ -10,10 +10,12 @@ command line: `--config.train.num_steps=500`.
 """
 
 import ml_collections
+from ml_collections.config_dict import placeholder
 
 
 def get_config():
   """Returns the embedded-default config (see module docstring)."""
+  # Optional values are typed placeholders (None until set) so the command line can set them.
   config = ml_collections.ConfigDict()
   config.mode = "pipeline"  # pipeline | autoencoder | encode | train | sample | evaluate | score | stability
   config.seed = 0
@@ -21,21 +23,21 @@ def get_config():
   # --- Data (lfm_jax/input_pipeline.py). Images are float32 in [-1, 1], NHWC.
   config.data = data = ml_collections.ConfigDict()
   data.name = "lfm_digits"  # a tfds name (e.g. "celeb_a_hq/256"), "lfm_digits", "ffhq", or "image_folder"
-  data.data_dir = None  # tfds data dir; None: tfds default (~/tensorflow_datasets)
-  data.manual_dir = None  # for data sets tfds cannot download (CelebA-HQ, ImageNet, FFHQ)
-  data.image_folder = None  # path, for name == "image_folder" (class sub-folders optional)
+  data.data_dir = placeholder(str)  # tfds data dir; None: tfds default (~/tensorflow_datasets)
+  data.manual_dir = placeholder(str)  # for data sets tfds cannot download (CelebA-HQ, ImageNet, FFHQ)
+  data.image_folder = placeholder(str)  # path, for name == "image_folder" (class sub-folders optional)
   data.image_size = 16
   data.channels = 1
   data.train_split = "train"
   data.eval_split = "test"
-  data.max_train_examples = None  # e.g. 120_000 for LSUN (the first N, as LFM does)
+  data.max_train_examples = placeholder(int)  # e.g. 120_000 for LSUN (the first N, as LFM does)
   data.crop = "none"  # none | center | adm (ADM's center crop)
   data.random_flip = False
   data.num_classes = 10  # 0 for unconditional data
   data.shuffle_buffer = 10_000
   # Train on a scored, pruned subset (lfm_jax/scoring.py). ratio = fraction REMOVED.
   data.subset = ml_collections.ConfigDict()
-  data.subset.scores = None  # path to a scores file written by the `score` mode
+  data.subset.scores = placeholder(str)  # path to a scores file written by the `score` mode
   # highest | lowest | random | proportional_nearest | proportional_furthest | balanced |
   # balanced_nearest | balanced_furthest | kcenter | herding (see lfm_jax/scoring.py).
   data.subset.rule = "highest"
@@ -43,13 +45,13 @@ def get_config():
 
   # --- First-stage autoencoder (models/autoencoder.py, autoencoder_train.py, latents.py).
   config.autoencoder = ae = ml_collections.ConfigDict()
-  ae.pretrained = None  # path to diffusers dir or LDM/SD checkpoint; None: train one (below)
+  ae.pretrained = placeholder(str)  # path to diffusers dir or LDM/SD checkpoint; None: train one (below)
   ae.block_out_channels = (16, 32, 64)
   ae.layers_per_block = 1
   ae.latent_channels = 4
   ae.norm_num_groups = 8
   ae.attention = False  # mid-block self-attention (SD has it)
-  ae.scale_factor = None  # None: 1/std of the cached latents; 0.18215 for SD's KL-f8
+  ae.scale_factor = placeholder(float)  # None: 1/std of the cached latents; 0.18215 for SD's KL-f8
   ae.sample_posterior = True  # LFM samples z ~ q(z|x) rather than using the mean
   ae.train = ml_collections.ConfigDict()
   ae.train.num_steps = 1000
@@ -64,7 +66,7 @@ def get_config():
   # --- Velocity network (models/unet.py, models/dit.py).
   config.model = model = ml_collections.ConfigDict()
   model.name = "unet"  # unet | dit
-  model.dit_preset = None  # for dit: "S/2", "B/2", "L/2", "XL/2" (also /4, /8)
+  model.dit_preset = placeholder(str)  # for dit: "S/2", "B/2", "L/2", "XL/2" (also /4, /8)
   model.time_convention = "lfm"  # lfm | sit (a network trained with t = 0 noise; translated at load)
   model.learn_null_class = True  # False: the null label is a zero embedding (converted ADM weights)
   model.model_channels = 32
@@ -81,7 +83,7 @@ def get_config():
   model.resblock_updown = False
   model.num_classes = 10  # 0: unconditional. The null (guidance) label is index num_classes.
   model.extra_in_channels = 0  # conditioning channels concatenated to the latent (inpainting: 5)
-  model.init_from = None  # a PyTorch checkpoint to start from (weights.load_velocity_checkpoint)
+  model.init_from = placeholder(str)  # a PyTorch checkpoint to start from (weights.load_velocity_checkpoint)
   model.checkpoint_entry = "ema"  # which entry of a {"model", "ema"} checkpoint init_from takes
 
   # --- Flow matching (flow.py). LFM convention: t = 0 data, t = 1 noise.
@@ -127,8 +129,8 @@ def get_config():
   ev.num_samples = 1000
   ev.batch_size = 250
   ev.feature_extractor = "digits_classifier"  # digits_classifier | autoencoder | inception
-  ev.inception_weights = None  # pt_inception-2015-12-05-6726825d.pth (pytorch-fid)
-  ev.reference_stats = None  # .npz with mu, sigma (pytorch-fid format); None: computed from
+  ev.inception_weights = placeholder(str)  # pt_inception-2015-12-05-6726825d.pth (pytorch-fid)
+  ev.reference_stats = placeholder(str)  # .npz with mu, sigma (pytorch-fid format); None: computed from
   ev.reference_split = "test"  # this split (LFM's FIDs use "train"; paper 2 the validation split)
   ev.kid_subsets = 100
   ev.kid_subset_size = 1000
@@ -138,20 +140,20 @@ def get_config():
   config.score = sc = ml_collections.ConfigDict()
   sc.criterion = "cluster"  # loss | gradient | cluster | random | kcenter | herding
   sc.embedding = "autoencoder"  # autoencoder | inception | file
-  sc.embedding_file = None  # .npz with `ids`, `features` for embedding == "file"
+  sc.embedding_file = placeholder(str)  # .npz with `ids`, `features` for embedding == "file"
   sc.num_clusters = 10
   sc.num_times = 10
   sc.num_noises = 2
   sc.batch_size = 256
-  sc.model_workdir = None  # loss/gradient scores: workdir of the (small) scoring model; None: this one
+  sc.model_workdir = placeholder(str)  # loss/gradient scores: workdir of the (small) scoring model; None: this one
 
   # --- Stability (`stability` mode) and coarse-to-fine sampling.
   config.stability = st = ml_collections.ConfigDict()
-  st.other_workdir = None  # the second model's workdir (same-seed comparison)
+  st.other_workdir = placeholder(str)  # the second model's workdir (same-seed comparison)
   st.num_samples = 256
   st.embedding = "digits_classifier"  # digits_classifier | autoencoder | inception | "" (pixels)
   config.coarse_to_fine = c2f = ml_collections.ConfigDict()
-  c2f.light_workdir = None  # workdir (or checkpoint dir) of the light model; None disables
+  c2f.light_workdir = placeholder(str)  # workdir (or checkpoint dir) of the light model; None disables
   c2f.light_fraction = 0.7  # share of the trajectory from the noise end run by the light model
 
   return config

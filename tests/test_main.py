@@ -179,6 +179,8 @@ def test_cli_errors_are_one_line_and_nonzero(tmp_path):
       ("--config.train.bogus=3", "unknown config key 'config.train.bogus'"),
       ("--config.train.batch_size=abc", "config.train.batch_size"),
       ("--config.train.ema_decay=1.5", "config.train.ema_decay"),
+      # An optional (None by default) key set from the command line, pointing nowhere.
+      ("--config.autoencoder.pretrained=/nonexistent/vae", "config.autoencoder.pretrained"),
   ]:
     r = _cli(f"--config={cfg}", f"--workdir={tmp_path}", extra)
     assert r.returncode != 0, (extra, r.stderr)

@@ -30,7 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
-from lfm_jax.converters.common import WeightConversionError, check_keys
+from lfm_jax.converters.common import WeightConversionError, check_keys, torch_load
 from lfm_jax.models.autoencoder import AutoencoderKL
 
 LDM_PREFIX = "first_stage_model."
@@ -313,19 +313,7 @@ def infer_config_from_state_dict(state_dict: Mapping[str, Any], norm_num_groups:
 
 
 def _load_torch_file(path: str, allow_pickle: bool) -> Dict[str, Any]:
-  try:
-    import torch  # pylint: disable=g-import-not-at-top
-  except ImportError:
-    raise ImportError(f"reading {path} needs PyTorch (pip install torch); safetensors files "
-                      "do not") from None
-  try:
-    obj = torch.load(path, map_location="cpu", weights_only=not allow_pickle)
-  except Exception as e:  # pickle.UnpicklingError and friends
-    if allow_pickle:
-      raise
-    raise WeightConversionError(
-        f"{path}: torch.load(weights_only=True) failed ({e}). If you trust this file, pass "
-        "allow_pickle=True.") from e
+  obj = torch_load(path, trust_pickle=allow_pickle)
   if isinstance(obj, Mapping) and isinstance(obj.get("state_dict"), Mapping):
     obj = obj["state_dict"]
   if not isinstance(obj, Mapping):

@@ -37,3 +37,24 @@ def check_keys(
   for k, got, want in mismatched:
     lines.append(f"  wrong shape: {k}: checkpoint {tuple(got)}, model expects {tuple(want)}")
   raise WeightConversionError("\n".join(lines))
+
+
+def torch_load(path: str, trust_pickle: bool = False):
+  """torch.load on CPU for a PyTorch checkpoint (torch is imported here, lazily: optional).
+
+  Files are read with weights_only=True; a file that pickles Python objects (e.g. an argparse
+  Namespace) fails with a message that names trust_pickle=True (only for files you trust).
+  """
+  try:
+    import torch  # pylint: disable=g-import-not-at-top
+  except ImportError:
+    raise ImportError(f"reading {path} needs PyTorch (an optional dependency: pip install torch); "
+                      "safetensors files do not") from None
+  try:
+    return torch.load(path, map_location="cpu", weights_only=not trust_pickle)
+  except Exception as e:  # pickle.UnpicklingError and friends
+    if trust_pickle:
+      raise
+    raise WeightConversionError(
+        f"{path}: torch.load(weights_only=True) failed ({e}); if you trust the file, pass "
+        "trust_pickle=True") from e

@@ -17,7 +17,7 @@ from typing import Any, Dict, Mapping, Tuple
 
 import numpy as np
 
-from lfm_jax.converters.common import check_keys
+from lfm_jax.converters.common import check_keys, torch_load
 from lfm_jax.models.inception import InceptionV3, variable_shapes
 
 WEIGHTS_FILENAME = "pt_inception-2015-12-05-6726825d.pth"
@@ -116,9 +116,7 @@ def load_inception(path: str):
         f"Inception weights file not found: {path}. Download pytorch-fid's {WEIGHTS_FILENAME} "
         "(https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/"
         f"{WEIGHTS_FILENAME}) and pass its path (config.eval.inception_weights).")
-  import torch  # lazily: only needed to read the file
-
-  state_dict = torch.load(path, map_location="cpu", weights_only=True)
+  state_dict = torch_load(path)
   if not isinstance(state_dict, Mapping):
     raise ValueError(f"{path}: expected a state dict, got {type(state_dict).__name__}")
   if "state_dict" in state_dict and isinstance(state_dict["state_dict"], Mapping):

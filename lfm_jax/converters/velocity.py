@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lfm_jax.converters.common import WeightConversionError, check_keys
+from lfm_jax.converters.common import WeightConversionError, check_keys, torch_load
 from lfm_jax.models import SiTConventionWrapper, unwrap
 from lfm_jax.models.dit import DIT_PRESETS, DiT
 from lfm_jax.models.layers import sincos_pos_embed_2d
@@ -167,19 +167,7 @@ def read_state_dict(path: str, prefer: str = "ema", trust_pickle: bool = False):
   if path.endswith(".safetensors"):
     from safetensors.numpy import load_file
     return extract_state_dict(load_file(path), prefer)
-  try:
-    import torch
-  except ImportError as e:
-    raise ImportError(f"reading {path} needs torch (an optional dependency); convert it to "
-                      ".safetensors or `pip install torch`") from e
-  try:
-    obj = torch.load(path, map_location="cpu", weights_only=not trust_pickle)
-  except Exception as e:  # pickle.UnpicklingError and friends
-    if trust_pickle:
-      raise
-    raise WeightConversionError(
-        f"{path}: torch.load(weights_only=True) failed ({e}); if you trust the file, pass "
-        "trust_pickle=True") from e
+  obj = torch_load(path, trust_pickle=trust_pickle)
   return extract_state_dict(obj, prefer)
 
 
