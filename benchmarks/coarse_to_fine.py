@@ -66,7 +66,15 @@ def main(argv=None):
   p.add_argument("--heavy-width", type=int, default=64)
   p.add_argument("--light-width", type=int, default=32)
   p.add_argument("--latent-size", type=int, default=16)
+  p.add_argument("--heavy-workdir", default=None,
+                 help="use the trained model of this lfm_jax workdir as the heavy model")
+  p.add_argument("--light-workdir", default=None,
+                 help="... and this one's as the light model (both or neither)")
+  p.add_argument("--guidance-scale", type=float, default=1.0,
+                 help="CFG scale for class-conditional trained models (--*-workdir)")
   args = p.parse_args(argv)
+  if (args.heavy_workdir is None) != (args.light_workdir is None):
+    p.error("--heavy-workdir and --light-workdir go together")
   C.post_jax_setup(args)
   if args.quick:
     args.iters, args.warmup = min(args.iters, 2), 1
@@ -74,14 +82,30 @@ def main(argv=None):
     args.heavy_width, args.light_width = 16, 8
 
   counter = C.CompileCounter.install()
-  shape = (args.latent_size, args.latent_size, 4)
-  heavy = build_unet(args.heavy_width, args.quick)
-  light = build_unet(args.light_width, args.quick)
-  heavy_params = C.init_model_params(heavy, shape, seed=0)
-  light_params = C.init_model_params(light, shape, seed=1)
-  heavy_v, light_v = C.make_velocity(heavy), C.make_velocity(light)
-  fl_heavy = forward_flops(heavy, heavy_params, shape, args.batch_size)
-  fl_light = forward_flops(light, light_params, shape, args.batch_size)
+  if args.heavy_workdir:  # trained models: same-seed similarity means something
+    from lfm_jax import stages  # pylint: disable=g-import-not-at-top
+    hm = stages.load_flow_model(stages.load_workdir_config(args.heavy_workdir), args.heavy_workdir)
+    lm = stages.load_flow_model(stages.load_workdir_config(args.light_workdir), args.light_workdir)
+    shape = hm.latent_shape
+    labels = (jnp.arange(args.batch_size, dtype=jnp.int32) % hm.num_classes
+              if hm.num_classes else None)
+    heavy, light = hm.module, lm.module
+    heavy_v = stages.velocity_fn_for(heavy, hm.num_classes, args.guidance_scale)
+    light_v = stages.velocity_fn_for(light, lm.num_classes, args.guidance_scale)
+    heavy_params, light_params = (hm.params, labels), (lm.params, labels)
+    args.heavy_width = int(getattr(heavy, "model_channels", 0))
+    args.light_width = int(getattr(light, "model_channels", 0))
+    fl_heavy = forward_flops(heavy, hm.params, shape, args.batch_size)
+    fl_light = forward_flops(light, lm.params, shape, args.batch_size)
+  else:  # random weights: timing only
+    shape = (args.latent_size, args.latent_size, 4)
+    heavy = build_unet(args.heavy_width, args.quick)
+    light = build_unet(args.light_width, args.quick)
+    heavy_params = C.init_model_params(heavy, shape, seed=0)
+    light_params = C.init_model_params(light, shape, seed=1)
+    heavy_v, light_v = C.make_velocity(heavy), C.make_velocity(light)
+    fl_heavy = forward_flops(heavy, heavy_params, shape, args.batch_size)
+    fl_light = forward_flops(light, light_params, shape, args.batch_size)
   noise = jax.random.normal(jax.random.PRNGKey(42), (args.batch_size,) + shape)
   env = C.environment()
 
@@ -138,7 +162,17 @@ def main(argv=None):
           "speedup_ideal_from_flops": round(ideal, 3),
           "acceptance_speedup_ge_2": bool(speedup >= 2.0),
           "cosine_mean": float(cos.mean()), "cosine_min": float(cos.min()),
-          "loadavg": C.loadavg(), **env})
+          "trained_models": bool(args.heavy_workdir), "loadavg": C.loadavg(), **env})
+  h, c = results["heavy_only"], results["coarse_to_fine"]
+  table = [
+      f"{'':16s}{'heavy-only':>12s}{'light->heavy':>14s}",
+      f"{'NFE light/heavy':16s}{'0/' + str(h['nfe_heavy']):>12s}{f'{n_l}/{n_h}':>14s}",
+      f"{'ms per batch':16s}{h['ms']:12.1f}{c['ms']:14.1f}",
+      f"speedup {speedup:.2f}x wall, {results['heavy_only']['cpu_ms'] / max(c['cpu_ms'], 1e-9):.2f}x "
+      f"CPU time (ideal from FLOPs {ideal:.2f}x); same-seed cosine of final latents "
+      f"{cos.mean():.4f} (min {cos.min():.4f})" + ("" if args.heavy_workdir else " [random weights]"),
+  ]
+  print("\n".join(table), file=sys.stderr)
 
 
 if __name__ == "__main__":
