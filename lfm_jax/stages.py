@@ -364,18 +364,21 @@ class FlowModel:
     return int(self.config.model.num_classes)
 
 
-def load_flow_model(config, workdir: str, use_ema: bool = True) -> FlowModel:
-  """Restores the latest flow checkpoint of `workdir` (its own config.json decides the model)."""
+def load_flow_model(config, workdir: str, use_ema: bool = True, other_run: bool = False) -> FlowModel:
+  """Restores the latest flow checkpoint of `workdir`.
+
+  other_run: the workdir belongs to another run (a light model, the other side of a stability
+  comparison): its model is built from that run's own config.json, not from `config`.
+  """
   from lfm_jax import checkpoint as ckpt_lib, train, train_utils  # pylint: disable=g-import-not-at-top
+  run_config = load_workdir_config(workdir) if other_run else config
   ckpt_dir = os.path.join(workdir, "checkpoints")
   step = _latest_step(ckpt_dir)
-  if step is None and config.model.get("init_from", None):
-    return _imported_flow_model(config, workdir)
+  if step is None and run_config.model.get("init_from", None):
+    return _imported_flow_model(run_config, workdir)
   if step is None:
     raise UserError(f"no flow-model checkpoint in {ckpt_dir}: run --mode=train first "
                     "(or set config.model.init_from to a PyTorch checkpoint)")
-  run_config = load_workdir_config(workdir) if os.path.abspath(workdir) != os.path.abspath(
-      getattr(config, "_workdir", workdir)) else config
   checkpointer = ckpt_lib.Checkpointer(ckpt_dir)
   try:
     meta = checkpointer.read_metadata(step)
@@ -554,7 +557,7 @@ def _light_model(config) -> Optional[FlowModel]:
   lw = config.coarse_to_fine.light_workdir
   if not lw:
     return None
-  light = load_flow_model(config, lw)
+  light = load_flow_model(config, lw, other_run=True)
   say(f"coarse-to-fine: light model from {lw}, light_fraction {config.coarse_to_fine.light_fraction}")
   return light
 
@@ -740,7 +743,7 @@ def run_score(config, workdir: str, ae: Optional[Autoencoder] = None) -> dict:
     embeddings = _embeddings(config, workdir, cache, ae)
   if sc.criterion in ("loss", "gradient"):
     model_dir = sc.get("model_workdir", None) or workdir
-    model = load_flow_model(config, model_dir)
+    model = load_flow_model(config, model_dir, other_run=model_dir != workdir)
     velocity_fn, params = scoring.module_velocity_fn(model.module), model.params
     say(f"score: {sc.criterion} score with the model in {model_dir}")
   labels = cache["label"].astype(np.int32) if config.model.num_classes else None
@@ -766,7 +769,7 @@ def _embeddings(config, workdir: str, cache: dict, ae) -> np.ndarray:
                         f"(e.g. {missing[0]})")
       return z["features"][[order[int(i)] for i in cache["id"]]].astype(np.float32)
   if sc.embedding == "inception":
-    ex = feature_extractor(config.copy_and_resolve_references() if False else config, workdir, ae)
+    ex = feature_extractor(config, workdir, ae)
     images, _, ids = load_images(config, config.data.train_split)
     pos = {int(i): r for r, i in enumerate(ids)}
     feats = ex.extract(images, batch_size=int(sc.batch_size))
@@ -781,7 +784,7 @@ def run_stability(config, workdir: str, ae: Optional[Autoencoder] = None) -> dic
   if not st.other_workdir:
     raise UserError("config.stability.other_workdir: the second model's workdir is required")
   a = load_flow_model(config, workdir)
-  b = load_flow_model(config, st.other_workdir)
+  b = load_flow_model(config, st.other_workdir, other_run=True)
   ae = ae or load_autoencoder(config, workdir, train_if_missing=False)
   num = int(st.num_samples)
   gen_a = generate(a, ae, num, config.sample.batch_size, config.sample, seed=config.seed + 2)

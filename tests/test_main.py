@@ -107,7 +107,14 @@ def test_training_continues_from_last_checkpoint(pipeline_run, data_dir, capsys)
 
 def test_sample_mode_with_coarse_to_fine_and_score_and_stability(pipeline_run, data_dir, tmp_path):
   workdir, _, _ = pipeline_run
-  cfg = tiny_config(data_dir, mode="sample", **{"coarse_to_fine.light_workdir": workdir,
+  # A light model of another width, trained in its own workdir on the same autoencoder: it is
+  # built from its own config.json.
+  light = str(tmp_path / "light")
+  light_kw = {"autoencoder.pretrained": os.path.join(workdir, "autoencoder", "diffusers"),
+              "model.model_channels": 8, "train.num_steps": 10}
+  stages.run(tiny_config(data_dir, mode="encode", **light_kw), light)
+  stages.run(tiny_config(data_dir, mode="train", **light_kw), light)
+  cfg = tiny_config(data_dir, mode="sample", **{"coarse_to_fine.light_workdir": light,
                                                "coarse_to_fine.light_fraction": 0.5})
   result = stages.run(cfg, workdir)
   assert result["nfe_light"] == 4 and result["nfe_heavy"] == 4
