@@ -17,7 +17,6 @@ import os
 import time
 from typing import Any, Callable, Optional
 
-from absl import logging
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -315,10 +314,6 @@ def run_train(config, workdir: str, ae: Optional[Autoencoder] = None) -> dict:
     rows = np.isin(cache["id"], kept)
     arrays = {k: v[rows] for k, v in arrays.items()}
   latent_shape = tuple(cache["mean"].shape[1:])
-  sample_fn = None
-  if config.train.sample_every:
-    ae = ae or load_autoencoder(config, workdir, train_if_missing=False)
-    sample_fn = _training_sample_fn(config, ae, latent_shape, cache["scale_factor"])
   ckpt_dir = os.path.join(workdir, "checkpoints")
   done = _latest_step(ckpt_dir)
   if done is not None and done >= config.train.num_steps:
@@ -327,13 +322,19 @@ def run_train(config, workdir: str, ae: Optional[Autoencoder] = None) -> dict:
   say(f"train: {config.train.num_steps} steps of {config.model.name} on {len(arrays['mean'])} "
       f"latents {latent_shape}" + (f", resuming at step {done}" if done else ""))
   from lfm_jax import checkpoint as ckpt_lib, train_utils  # pylint: disable=g-import-not-at-top
-  model = init_params = None
+  init_params = None
   if config.model.get("init_from", None):
     model, init_params = import_velocity_checkpoint(config)
     if done is None:
       say(f"train: fine-tuning from {config.model.init_from}")
     else:
       init_params = None  # resuming: the checkpoint has the params
+  else:
+    model = build_model(config, latent_shape)
+  sample_fn = None
+  if config.train.sample_every:
+    ae = ae or load_autoencoder(config, workdir, train_if_missing=False)
+    sample_fn = _training_sample_fn(config, ae, model, latent_shape, cache["scale_factor"])
   try:
     train.train_and_evaluate(config, workdir, latents=arrays, latent_shape=latent_shape,
                              scale_factor=cache["scale_factor"], sample_fn=sample_fn,
@@ -817,9 +818,9 @@ def run_stability(config, workdir: str, ae: Optional[Autoencoder] = None) -> dic
 # ----------------------------------------------------------------------------- pipeline
 
 
-def _training_sample_fn(config, ae: Autoencoder, latent_shape, scale_factor: float):
-  """Sample-grid callback for the trainer: fixed noise, one row per class, EMA params."""
-  module = build_model(config, latent_shape)
+def _training_sample_fn(config, ae: Autoencoder, module, latent_shape, scale_factor: float):
+  """Sample-grid callback for the trainer (velocity network `module`): fixed noise, one row per
+  class, EMA params."""
   num_classes = int(config.model.num_classes)
   n = 10 * max(min(num_classes, 10), 1) if num_classes else 64
   labels = np.repeat(np.arange(min(num_classes, 10), dtype=np.int32), 10) if num_classes else None

@@ -79,14 +79,18 @@ def create_train_state(rng: jax.Array, model: nn.Module, config: Any,
 
   def create(rng):
     rng_init, rng_train = jax.random.split(rng)
-    params = init_fn(rng_init)
-    # A separate buffer for the EMA (x + 0 is not the same buffer), or donation would fail.
-    ema_params = jax.tree.map(lambda p: p + jnp.zeros_like(p), params)
-    return TrainState(step=jnp.zeros((), jnp.int32), params=params, ema_params=ema_params,
-                      opt_state=tx.init(params), rng=rng_train)
+    return _state_at_step_zero(init_fn(rng_init), rng_train, tx)
 
   out_shardings = parallel.replicated(mesh) if mesh is not None else None
   return jax.jit(create, out_shardings=out_shardings)(rng)
+
+
+def _state_at_step_zero(params: Any, rng_train: jax.Array,
+                        tx: optax.GradientTransformation) -> TrainState:
+  # A separate buffer for the EMA (x + 0 is not the same buffer), or donation would fail.
+  ema_params = jax.tree.map(lambda p: p + jnp.zeros_like(p), params)
+  return TrainState(step=jnp.zeros((), jnp.int32), params=params, ema_params=ema_params,
+                    opt_state=tx.init(params), rng=rng_train)
 
 
 def train_state_from_params(rng: jax.Array, params: Any, config: Any, *,
@@ -94,16 +98,12 @@ def train_state_from_params(rng: jax.Array, params: Any, config: Any, *,
                             mesh: Optional[jax.sharding.Mesh] = None) -> TrainState:
   """A TrainState at step 0 starting from given params (fine-tuning an imported checkpoint).
 
-  The params are an argument of the jitted constructor (not constants baked into it).
+  The params are an argument of the jitted constructor (not constants baked into it); the
+  training rng is drawn as in create_train_state.
   """
   if tx is None:
     tx, _ = train_utils.create_optimizer(config.train)
-
-  def create(rng, params):
-    ema_params = jax.tree.map(lambda p: p + jnp.zeros_like(p), params)
-    return TrainState(step=jnp.zeros((), jnp.int32), params=params, ema_params=ema_params,
-                      opt_state=tx.init(params), rng=jax.random.split(rng)[1])
-
+  create = lambda rng, params: _state_at_step_zero(params, jax.random.split(rng)[1], tx)
   out_shardings = parallel.replicated(mesh) if mesh is not None else None
   params = jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), params)
   return jax.jit(create, out_shardings=out_shardings)(rng, params)
