@@ -80,6 +80,7 @@ def get_config():
   model.use_scale_shift_norm = True
   model.mid_attention = True  # ADM's middle-block self-attention
   model.norm_num_groups = 32
+  model.norm_min_channels_per_group = 0  # > 0: groups = min(norm_num_groups, C // this); EDM DhariwalUNet: 4
   model.resblock_updown = False
   model.num_classes = 10  # 0: unconditional. The null (guidance) label is index num_classes.
   model.extra_in_channels = 0  # conditioning channels concatenated to the latent (inpainting: 5)

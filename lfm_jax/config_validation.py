@@ -127,6 +127,8 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     r("model.attention_semantics", _one_of(("resolution", "downsample")),
       "must be 'resolution' (EDM) or 'downsample' (guided-diffusion)")
     r("model.dropout", _fraction(hi_open=True), "must lie in [0, 1)")
+    r("model.norm_min_channels_per_group", _nonneg_int,
+      "must be an integer >= 0 (0: always norm_num_groups; EDM DhariwalUNet: 4)", optional=True)
   else:
     preset = _get(config, "model.dit_preset")
     if preset is not None:

@@ -7,8 +7,9 @@ them all; nothing is silently left at random init. The implementations live in
 - `load_autoencoder_kl(path) -> (module, params)`: diffusers directory or LDM/SD single file.
 - `export_autoencoder_kl(module, params, out_dir)`: back to the diffusers layout.
 - `load_velocity_checkpoint(path, model_config) -> (module, params)`: LFM / stability-repo
-  PyTorch velocity networks (guided-diffusion UNetModel, facebook DiT).
-- `export_velocity_checkpoint(...)`: back to the PyTorch layout.
+  PyTorch velocity networks (guided-diffusion UNetModel, EDM DhariwalUNet, facebook DiT).
+- `export_velocity_checkpoint(..., layout=None)`: back to a PyTorch layout ("guided_diffusion"
+  or "edm_dhariwal" for a U-Net, "facebook_dit" for a DiT).
 - `load_inception(path) -> (module, params)`: pytorch-fid's FID InceptionV3 weights.
 """
 

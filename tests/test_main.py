@@ -226,3 +226,31 @@ def test_imported_pytorch_checkpoint_samples_and_fine_tunes(pipeline_run, data_d
   stages.run(tiny_config(data_dir, mode="encode", **common), other)
   stages.run(tiny_config(data_dir, mode="train", **common, **{"train.num_steps": 10}), other)
   assert stages._latest_step(os.path.join(other, "checkpoints")) == 10
+
+
+def test_imported_edm_dhariwal_checkpoint_samples(pipeline_run, data_dir, tmp_path):
+  """model.init_from with an EDM DhariwalUNet state dict: the network is built from its keys
+  (EDM GroupNorm rule, up/down ResBlocks, zero null label) and samples with guidance."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from lfm_jax import weights  # pylint: disable=g-import-not-at-top
+  from lfm_jax.models.unet import UNet  # pylint: disable=g-import-not-at-top
+  workdir, _, _ = pipeline_run
+  module = UNet(model_channels=16, channel_mult=(1, 2), num_res_blocks=1,
+                attention_semantics="resolution", num_head_channels=64, resblock_updown=True,
+                mid_attention=False, num_classes=10, learn_null_class=False,
+                norm_min_channels_per_group=4)
+  x, t = np.zeros((1, 4, 4, 4), np.float32), np.zeros((1,), np.float32)
+  shapes = jax.eval_shape(lambda: module.init(jax.random.PRNGKey(0), x, t))["params"]
+  rng = np.random.RandomState(0)
+  params = jax.tree_util.tree_map(lambda s: 0.05 * rng.randn(*s.shape).astype(np.float32), shapes)
+  path = str(tmp_path / "edm_adm.pt")
+  weights.export_velocity_checkpoint(module, params, path, layout="edm_dhariwal", latent_size=4)
+  with open(os.path.join(workdir, "latents", "manifest.json")) as f:
+    scale = json.load(f)["scale_factor"]
+  other = str(tmp_path / "imported_edm")
+  result = stages.run(tiny_config(data_dir, mode="sample", **{
+      "model.init_from": path, "autoencoder.scale_factor": scale,
+      "autoencoder.pretrained": os.path.join(workdir, "autoencoder", "diffusers")}), other)
+  assert result["nfe"] == 8
+  images = np.load(os.path.join(other, "samples", "samples_euler_g1.5.npz"))["images"]
+  assert images.shape[0] == 20 and np.isfinite(images).all()

@@ -273,3 +273,215 @@ def test_sit_convention_euler_equivalence(tmp_path):
   print(f"SiT-convention Euler equivalence: max abs err {err:.2e}")
   assert float(jnp.abs(z_sit - z0).max()) > 1e-2
   assert err < 1e-5
+
+
+# ----------------------------------------------------------------------------- EDM DhariwalUNet
+
+# Small widths where EDM's GroupNorm rule min(32, C // 4) differs from guided-diffusion's 32, an
+# 8x8 level without attention (32 < 64 channels: EDM then has no heads), one head at 4x4 and two
+# at 2x2 (so the qkv row order matters).
+EDM_KW = dict(img_resolution=8, model_channels=32, channel_mult=(1, 2, 4), num_blocks=1,
+              attn_resolutions=(8, 4, 2))
+
+
+def _edm_reference(label_dim=10, in_channels=4, seed=0):
+  pytest.importorskip("torch")
+  sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+  import _edm_dhariwal_reference as ref_lib  # pylint: disable=g-import-not-at-top
+  return ref_lib.DhariwalUNet(in_channels=in_channels, out_channels=4, label_dim=label_dim,
+                              **EDM_KW).randomize(seed)
+
+
+@pytest.fixture(scope="module")
+def edm_labelled():
+  """(torch reference, its state dict, imported UNet, params) with 10 classes."""
+  ref = _edm_reference()
+  sd = _sd_numpy(ref)
+  module, params = V.edm_state_dict_to_params(sd, _cfg(num_classes=10))
+  return ref, sd, module, params
+
+
+_EDM_APPLY = {}
+
+
+def _edm_errors(ref, module, params, x, cond=None, labels=None):
+  """Max abs error Flax vs torch over TIMES. labels None: torch y=None (no label term) against
+  Flax y=None (the null index for all); labels may mix in the null index (num_classes)."""
+  import torch
+  if module not in _EDM_APPLY:  # one compile per architecture
+    _EDM_APPLY[module] = jax.jit(
+        lambda p, x, t, y, c: module.apply({"params": p}, x, t, y=y, cond=c))
+  apply = _EDM_APPLY[module]
+  xt = np.concatenate([x, cond], axis=1) if cond is not None else x
+  errs = []
+  for tv in TIMES:
+    t = np.full((x.shape[0],), tv, np.float32)
+    with torch.no_grad():
+      want = ref(torch.from_numpy(t), torch.from_numpy(xt)).numpy()  # y=None: no label term
+      if labels is not None:
+        null = labels >= ref.label_dim
+        with_y = ref(torch.from_numpy(t), torch.from_numpy(xt),
+                     torch.from_numpy(np.where(null, 0, labels))).numpy()
+        want = np.where(null[:, None, None, None], want, with_y)
+    got = apply(params, jnp.asarray(x.transpose(0, 2, 3, 1)), jnp.asarray(t),
+                None if labels is None else jnp.asarray(labels),
+                None if cond is None else jnp.asarray(cond.transpose(0, 2, 3, 1)))
+    assert np.abs(want).max() > 1e-1  # not a trivially zero network
+    errs.append(np.abs(np.asarray(got).transpose(0, 3, 1, 2) - want).max())
+  return max(errs)
+
+
+def test_edm_dhariwal_parity(edm_labelled):
+  ref, _, module, params = edm_labelled
+  assert isinstance(module, UNet)
+  assert (module.model_channels, module.channel_mult, module.num_res_blocks) == (32, (1, 2, 4), 1)
+  assert module.attention_semantics == "resolution" and module.attention_resolutions == (4, 2)
+  assert module.mid_attention and module.resblock_updown and module.use_scale_shift_norm
+  assert module.num_classes == 10 and not module.learn_null_class
+  assert module.norm_min_channels_per_group == 4 and module.num_head_channels == 64
+  x = np.random.RandomState(0).randn(4, 4, 8, 8).astype(np.float32)
+  err_labels = _edm_errors(ref, module, params, x, labels=np.array([0, 3, 9, 5]))
+  err_null = _edm_errors(ref, module, params, x, labels=np.full((4,), 10))
+  err_mixed = _edm_errors(ref, module, params, x, labels=np.array([0, 10, 9, 10]))
+  print(f"EDM DhariwalUNet parity: max abs err labels {err_labels:.2e}, null {err_null:.2e}, "
+        f"mixed {err_mixed:.2e}")
+  assert max(err_labels, err_null, err_mixed) < 1e-4
+
+
+def test_edm_dhariwal_parity_unconditional_with_extra_channels():
+  ref = _edm_reference(label_dim=0, in_channels=6, seed=1)
+  module, params = V.edm_state_dict_to_params(_sd_numpy(ref))
+  assert module.num_classes == 0 and module.extra_in_channels == 2
+  rng = np.random.RandomState(1)
+  x = rng.randn(3, 4, 8, 8).astype(np.float32)
+  cond = rng.randn(3, 2, 8, 8).astype(np.float32)
+  err = _edm_errors(ref, module, params, x, cond=cond)
+  print(f"EDM DhariwalUNet parity (unconditional, 2 extra channels): max abs err {err:.2e}")
+  assert err < 1e-4
+
+
+def test_edm_dhariwal_round_trip_and_files(edm_labelled, tmp_path):
+  import torch
+  ref, sd, module, params = edm_labelled
+  out = V.params_to_state_dict(params, module, latent_size=8, layout="edm_dhariwal")
+  assert sorted(out) == sorted(sd)
+  for k in sd:
+    assert out[k].shape == sd[k].shape, k
+    np.testing.assert_array_equal(out[k], sd[k], err_msg=k)
+  for name in ("edm.safetensors", "edm.pt"):
+    path = str(tmp_path / name)
+    written = V.export_velocity_checkpoint(module, params, path, layout="edm_dhariwal",
+                                           latent_size=8)
+    assert sorted(written) == sorted(sd)
+    module2, params2 = V.load_velocity_checkpoint(path, _cfg(num_classes=10))
+    assert module2 == module
+    jax.tree_util.tree_map(np.testing.assert_array_equal, params, params2)
+  # The torch reference loads the export strictly (buffers included).
+  ref.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in out.items()}, strict=True)
+  # The default export of a UNet stays guided-diffusion.
+  gd = V.export_velocity_checkpoint(module, params, str(tmp_path / "gd.safetensors"))
+  assert "input_blocks.0.0.weight" in gd
+
+
+def test_edm_dhariwal_export_from_config(edm_labelled):
+  """A UNet from create_model with EDM's options (the imported architecture) exports random
+  params to a state dict the torch reference loads strictly and evaluates identically; options
+  DhariwalUNet cannot express are refused by name."""
+  import torch
+  from lfm_jax.models import create_model
+  _, _, imported, _ = edm_labelled
+  cfg = _cfg(num_classes=10, model_channels=32, channel_mult=(1, 2, 4), num_res_blocks=1,
+             attention_resolutions=(4, 2), attention_semantics="resolution", num_heads=1,
+             num_head_channels=64, resblock_updown=True, use_scale_shift_norm=True,
+             mid_attention=True, learn_null_class=False, norm_num_groups=32,
+             norm_min_channels_per_group=4, dropout=0.0)
+  module = create_model(cfg, (8, 8, 4))
+  assert module == imported
+  shapes = jax.eval_shape(lambda: module.init(jax.random.PRNGKey(0), jnp.zeros((1, 8, 8, 4)),
+                                              jnp.zeros((1,))))["params"]
+  rng = np.random.RandomState(2)  # numpy: per-leaf jax.random calls compile per shape (slow)
+  params = jax.tree_util.tree_map_with_path(  # GroupNorm scales around 1
+      lambda path, s: (path[-1].key == "scale") + 0.1 * rng.randn(*s.shape).astype(np.float32),
+      shapes)
+  sd = V.params_to_state_dict(params, module, latent_size=8, layout="edm_dhariwal")
+  ref = _edm_reference()
+  ref.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in sd.items()}, strict=True)
+  x = np.random.RandomState(2).randn(4, 4, 8, 8).astype(np.float32)
+  err = _edm_errors(ref, module, params, x, labels=np.array([1, 10, 4, 2]))
+  print(f"EDM DhariwalUNet export parity: max abs err {err:.2e}")
+  assert err < 1e-4
+
+  # Option checks come before the params check: the same params serve every variant.
+  for change, option in ((dict(learn_null_class=True), "learn_null_class"),
+                         (dict(norm_min_channels_per_group=0), "norm_min_channels_per_group"),
+                         (dict(resblock_updown=False), "resblock_updown"),
+                         (dict(use_scale_shift_norm=False), "use_scale_shift_norm"),
+                         (dict(num_head_channels=32), "attention heads"),
+                         (dict(mid_attention=False), "mid_attention")):
+    with pytest.raises(ValueError, match=option):
+      V.params_to_state_dict(params, module.clone(**change), latent_size=8, layout="edm_dhariwal")
+  with pytest.raises(ValueError, match="latent_size"):
+    V.params_to_state_dict(params, module, layout="edm_dhariwal")
+  with pytest.raises(ValueError, match="edm_dhariwal"):
+    V.params_to_state_dict({}, DiT(hidden_size=64, depth=1, num_heads=2, patch_size=2),
+                           latent_size=8, layout="edm_dhariwal")
+
+
+def test_edm_dhariwal_strict_errors(edm_labelled, tmp_path):
+  _, sd, module, _ = edm_labelled
+  bad = dict(sd)
+  del bad["dec.4x4_block1.qkv.bias"]
+  bad["enc.8x8_block0.conv0.weight"] = bad["enc.8x8_block0.conv0.weight"][:, :, :, :1]
+  bad["enc.8x8_block0.qkv.weight"] = np.zeros((96, 32, 1, 1), np.float32)
+  del bad["enc.4x4_down.skip.resample_filter"]
+  with pytest.raises(WeightConversionError) as err:
+    V.edm_state_dict_to_params(bad, module=module, source="edm.pt")
+  msg = str(err.value)
+  assert "checkpoint edm.pt" in msg
+  assert "missing key: dec.4x4_block1.qkv.bias" in msg
+  assert "missing key: enc.4x4_down.skip.resample_filter" in msg
+  assert "wrong shape: enc.8x8_block0.conv0.weight" in msg
+  assert "unexpected key: enc.8x8_block0.qkv.weight" in msg
+  # The same file through the loader (inferred architecture): every problem at once as well.
+  with pytest.raises(WeightConversionError) as err:
+    V.edm_state_dict_to_params(bad, _cfg(num_classes=10), source="edm.pt")
+  assert "dec.4x4_block1.qkv.bias" in str(err.value)
+  assert "enc.8x8_block0.conv0.weight" in str(err.value)
+
+  other_filter = dict(sd)
+  other_filter["dec.8x8_up.conv0.resample_filter"] = np.full((1, 1, 2, 2), 0.5, np.float32)
+  with pytest.raises(WeightConversionError, match="dec.8x8_up.conv0.resample_filter"):
+    V.edm_state_dict_to_params(other_filter)
+
+  song = {"map_noise.freqs": np.zeros(16, np.float32), "map_layer0.weight": np.zeros((128, 32)),
+          "enc.8x8_conv.weight": np.zeros((32, 4, 3, 3)),
+          "enc.4x4_aux_residual.weight": np.zeros((64, 4, 3, 3)),
+          "dec.8x8_aux_norm.weight": np.zeros(32)}
+  context = dict(sd)
+  context["map_label.embedding_table.weight"] = context.pop("map_label.weight").T
+  augment = dict(sd, **{"map_augment.weight": np.zeros((32, 9), np.float32)})
+  for keys, what, named in ((song, "SongUNet", "map_noise.freqs"),
+                            (context, "adm_context", "map_label.embedding_table.weight"),
+                            (augment, "augment_dim", "map_augment.weight")):
+    path = str(tmp_path / f"{what}.safetensors")
+    from safetensors.numpy import save_file
+    save_file({k: np.asarray(v, np.float32) for k, v in keys.items()}, path)
+    with pytest.raises(WeightConversionError) as err:
+      V.load_velocity_checkpoint(path, _cfg())
+    assert what in str(err.value) and named in str(err.value) and path in str(err.value)
+
+
+def test_edm_dhariwal_ddp_checkpoint_loads(edm_labelled, tmp_path):
+  """A `module.`-prefixed {"model", "ema"} torch file: "ema" by default, "model" on request."""
+  import torch
+  _, sd, module, params = edm_labelled
+  path = str(tmp_path / "edm_ddp.pt")
+  half = {k: v if k.endswith("resample_filter") else v * 0.5 for k, v in sd.items()}
+  torch.save({"model": {"module." + k: torch.from_numpy(v) for k, v in half.items()},
+              "ema": {"module." + k: torch.from_numpy(v) for k, v in sd.items()}}, path)
+  module2, params2 = V.load_velocity_checkpoint(path, _cfg(num_classes=10))
+  assert module2 == module
+  jax.tree_util.tree_map(np.testing.assert_array_equal, params, params2)
+  _, params3 = V.load_velocity_checkpoint(path, _cfg(num_classes=10, checkpoint_entry="model"))
+  np.testing.assert_allclose(params3["time_embed_0"]["kernel"],
+                             0.5 * np.asarray(params["time_embed_0"]["kernel"]))

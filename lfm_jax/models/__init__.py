@@ -89,6 +89,8 @@ def _build(model_config, latent_shape=None) -> nn.Module:
         learn_null_class=bool(_get(model_config, "learn_null_class", True)),
         extra_in_channels=extra,
         norm_num_groups=int(_get(model_config, "norm_num_groups", 32)),
+        norm_min_channels_per_group=int(_get(model_config, "norm_min_channels_per_group", 0)
+                                        or 0),
     )
   if name == "dit":
     from lfm_jax.models.dit import DiT, dit_config
@@ -116,7 +118,8 @@ def create_model(model_config, latent_shape: Optional[Sequence[int]] = None) -> 
   Keys read beyond configs/default.py (all optional, `.get` with defaults): dit_preset
   ("S/2", ... "XL/8"), hidden_size, depth, patch_size, mlp_ratio (override the preset; without
   a preset num_heads is read too), time_convention ("lfm" | "sit"), learn_null_class,
-  mid_attention, use_new_attention_order, num_heads_upsample, norm_num_groups.
+  mid_attention, use_new_attention_order, num_heads_upsample, norm_num_groups,
+  norm_min_channels_per_group.
   """
   module = _build(model_config, latent_shape)
   if latent_shape is not None and _get(model_config, "name", "unet") == "dit":

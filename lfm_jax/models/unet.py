@@ -32,6 +32,17 @@ def _upsample_nearest2(x):
   return jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
 
 
+def norm_groups(channels: int, num_groups: int = 32, min_channels_per_group: int = 0) -> int:
+  """The group count asked of GroupNorm for `channels` (it then takes the largest divisor).
+
+  min_channels_per_group 0: num_groups (guided-diffusion: always 32); > 0: EDM's rule
+  min(num_groups, channels // min_channels_per_group), e.g. 8 groups for 32 channels with 4.
+  """
+  if min_channels_per_group > 0:
+    return max(1, min(num_groups, channels // min_channels_per_group))
+  return num_groups
+
+
 class ResBlock(nn.Module):
   """guided-diffusion ResBlock (in_layers, emb_layers, out_layers, skip_connection)."""
 
@@ -41,6 +52,7 @@ class ResBlock(nn.Module):
   up: bool = False
   down: bool = False
   norm_num_groups: int = 32
+  norm_min_channels_per_group: int = 0
   small_map_threshold: int = 8
   dtype: Any = None
 
@@ -50,7 +62,8 @@ class ResBlock(nn.Module):
     out = self.out_channels
     conv = lambda feats, name, **kw: Conv(feats, small_map_threshold=self.small_map_threshold,
                                           dtype=self.dtype, name=name, **kw)
-    h = nn.silu(GroupNorm(self.norm_num_groups, name="in_layers_0")(x))
+    groups = lambda c: norm_groups(c, self.norm_num_groups, self.norm_min_channels_per_group)
+    h = nn.silu(GroupNorm(groups(ch), name="in_layers_0")(x))
     if self.up:
       h, x = _upsample_nearest2(h), _upsample_nearest2(x)
     elif self.down:
@@ -61,9 +74,9 @@ class ResBlock(nn.Module):
     emb_out = emb_out[:, None, None, :].astype(h.dtype)
     if self.use_scale_shift_norm:
       scale, shift = jnp.split(emb_out, 2, axis=-1)
-      h = GroupNorm(self.norm_num_groups, name="out_layers_0")(h) * (1 + scale) + shift
+      h = GroupNorm(groups(out), name="out_layers_0")(h) * (1 + scale) + shift
     else:
-      h = GroupNorm(self.norm_num_groups, name="out_layers_0")(h + emb_out)
+      h = GroupNorm(groups(out), name="out_layers_0")(h + emb_out)
     h = nn.silu(h)
     h = nn.Dropout(self.dropout, deterministic=not train or self.dropout == 0.0)(h)
     h = conv(out, "out_layers_3", kernel_init=nn.initializers.zeros)(h)
@@ -79,6 +92,7 @@ class AttentionBlock(nn.Module):
   num_head_channels: int = -1
   use_new_attention_order: bool = False  # False: QKVAttentionLegacy (the ADM default)
   norm_num_groups: int = 32
+  norm_min_channels_per_group: int = 0
   dtype: Any = None
 
   @nn.compact
@@ -88,7 +102,8 @@ class AttentionBlock(nn.Module):
     if c % heads:
       raise ValueError(f"attention channels {c} not divisible by {heads} heads")
     ch = c // heads
-    hn = GroupNorm(self.norm_num_groups, name="norm")(x).reshape(b, hh * ww, c)
+    hn = GroupNorm(norm_groups(c, self.norm_num_groups, self.norm_min_channels_per_group),
+                   name="norm")(x).reshape(b, hh * ww, c)
     qkv = dense(3 * c, "qkv", dtype=self.dtype)(hn)
     if self.use_new_attention_order:
       qkv = qkv.reshape(b, hh * ww, 3, heads, ch)
@@ -157,6 +172,7 @@ class UNet(nn.Module):
   extra_in_channels: int = 0
   out_channels: Optional[int] = None  # None: x's channel count
   norm_num_groups: int = 32
+  norm_min_channels_per_group: int = 0  # > 0: groups = min(norm_num_groups, C // this) (EDM: 4)
   small_map_threshold: int = 8
   dtype: Any = None  # compute dtype; params stay float32
 
@@ -175,12 +191,14 @@ class UNet(nn.Module):
     mc = self.model_channels
     emb_dim = 4 * mc
     kw = dict(dropout=self.dropout, use_scale_shift_norm=self.use_scale_shift_norm,
-              norm_num_groups=self.norm_num_groups, small_map_threshold=self.small_map_threshold,
-              dtype=self.dtype)
+              norm_num_groups=self.norm_num_groups,
+              norm_min_channels_per_group=self.norm_min_channels_per_group,
+              small_map_threshold=self.small_map_threshold, dtype=self.dtype)
     heads_up = self.num_heads if self.num_heads_upsample == -1 else self.num_heads_upsample
     attn_kw = dict(num_head_channels=self.num_head_channels,
                    use_new_attention_order=self.use_new_attention_order,
-                   norm_num_groups=self.norm_num_groups, dtype=self.dtype)
+                   norm_num_groups=self.norm_num_groups,
+                   norm_min_channels_per_group=self.norm_min_channels_per_group, dtype=self.dtype)
 
     t = broadcast_time(t, b)
     emb = dense(emb_dim, "time_embed_0", dtype=self.dtype)(timestep_embedding(t, mc))
@@ -262,7 +280,8 @@ class UNet(nn.Module):
         idx += 1
 
     assert ch == input_ch
-    h = nn.silu(GroupNorm(self.norm_num_groups, name="out_0")(h))
+    out_groups = norm_groups(ch, self.norm_num_groups, self.norm_min_channels_per_group)
+    h = nn.silu(GroupNorm(out_groups, name="out_0")(h))
     h = Conv(out_ch, kernel_init=nn.initializers.zeros, dtype=self.dtype,
              small_map_threshold=self.small_map_threshold, name="out_2")(h)
     return h.astype(x.dtype)
