@@ -19,6 +19,8 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
+from lfm_jax.models.layers import GroupNorm
+
 Array = jax.Array
 
 # Maps whose smaller spatial side is below this use the patch + matmul path.
@@ -96,8 +98,9 @@ class Conv(nn.Module):
                    small_map_threshold=self.small_map_threshold)
 
 
-def _group_norm(groups: int, name: str) -> nn.GroupNorm:
-  return nn.GroupNorm(num_groups=groups, epsilon=1e-6, use_fast_variance=False, name=name)
+def _group_norm(groups: int, name: str) -> GroupNorm:
+  """GroupNorm (eps 1e-6, params scale/bias); call with silu=True for the fused GroupNorm+SiLU."""
+  return GroupNorm(num_groups=groups, epsilon=1e-6, name=name)
 
 
 class ResnetBlock(nn.Module):
@@ -109,9 +112,9 @@ class ResnetBlock(nn.Module):
   @nn.compact
   def __call__(self, x):
     t = self.small_map_threshold
-    h = nn.silu(_group_norm(self.groups, "norm1")(x))
+    h = _group_norm(self.groups, "norm1")(x, silu=True)
     h = Conv(self.out_channels, 3, small_map_threshold=t, name="conv1")(h)
-    h = nn.silu(_group_norm(self.groups, "norm2")(h))
+    h = _group_norm(self.groups, "norm2")(h, silu=True)
     h = Conv(self.out_channels, 3, small_map_threshold=t, name="conv2")(h)
     if x.shape[-1] != self.out_channels:
       x = Conv(self.out_channels, 1, name="conv_shortcut")(x)
@@ -204,7 +207,7 @@ class Encoder(nn.Module):
       x = _Block(c, self.layers_per_block, self.groups, None if last else "down", t,
                  name=f"down_blocks_{i}")(x)
     x = MidBlock(chans[-1], self.groups, self.attention, t, name="mid_block")(x)
-    x = nn.silu(_group_norm(self.groups, "conv_norm_out")(x))
+    x = _group_norm(self.groups, "conv_norm_out")(x, silu=True)
     return Conv(self.out_channels, 3, small_map_threshold=t, name="conv_out")(x)
 
 
@@ -226,7 +229,7 @@ class Decoder(nn.Module):
       last = i == len(rev) - 1
       x = _Block(c, self.layers_per_block + 1, self.groups, None if last else "up", t,
                  name=f"up_blocks_{i}")(x)
-    x = nn.silu(_group_norm(self.groups, "conv_norm_out")(x))
+    x = _group_norm(self.groups, "conv_norm_out")(x, silu=True)
     return Conv(self.out_channels, 3, small_map_threshold=t, name="conv_out")(x)
 
 

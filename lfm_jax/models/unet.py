@@ -63,7 +63,7 @@ class ResBlock(nn.Module):
     conv = lambda feats, name, **kw: Conv(feats, small_map_threshold=self.small_map_threshold,
                                           dtype=self.dtype, name=name, **kw)
     groups = lambda c: norm_groups(c, self.norm_num_groups, self.norm_min_channels_per_group)
-    h = nn.silu(GroupNorm(groups(ch), name="in_layers_0")(x))
+    h = GroupNorm(groups(ch), name="in_layers_0")(x, silu=True)
     if self.up:
       h, x = _upsample_nearest2(h), _upsample_nearest2(x)
     elif self.down:
@@ -74,10 +74,9 @@ class ResBlock(nn.Module):
     emb_out = emb_out[:, None, None, :].astype(h.dtype)
     if self.use_scale_shift_norm:
       scale, shift = jnp.split(emb_out, 2, axis=-1)
-      h = GroupNorm(groups(out), name="out_layers_0")(h) * (1 + scale) + shift
+      h = GroupNorm(groups(out), name="out_layers_0")(h, scale, shift, silu=True)
     else:
-      h = GroupNorm(groups(out), name="out_layers_0")(h + emb_out)
-    h = nn.silu(h)
+      h = GroupNorm(groups(out), name="out_layers_0")(h + emb_out, silu=True)
     h = nn.Dropout(self.dropout, deterministic=not train or self.dropout == 0.0)(h)
     h = conv(out, "out_layers_3", kernel_init=nn.initializers.zeros)(h)
     if out != ch:
@@ -281,7 +280,7 @@ class UNet(nn.Module):
 
     assert ch == input_ch
     out_groups = norm_groups(ch, self.norm_num_groups, self.norm_min_channels_per_group)
-    h = nn.silu(GroupNorm(out_groups, name="out_0")(h))
+    h = GroupNorm(out_groups, name="out_0")(h, silu=True)
     h = Conv(out_ch, kernel_init=nn.initializers.zeros, dtype=self.dtype,
              small_map_threshold=self.small_map_threshold, name="out_2")(h)
     return h.astype(x.dtype)
