@@ -209,7 +209,8 @@ def train_autoencoder(
     rep_data = parallel.data_sharded(mesh)
     step_fn = jax.jit(make_autoencoder_step(module, tcfg, tx, schedule),
                       in_shardings=(rep, rep_data), out_shardings=(rep, rep),
-                      donate_argnames="state")
+                      donate_argnames="state",
+                      compiler_options=parallel.train_compiler_options())
     state = train_utils.run_loop(
         state=state, step_fn=step_fn, train_iter=train_iter, mesh=mesh,
         checkpointer=checkpointer, writer=writer, num_steps=num_steps, end_step=stop_after,

@@ -6,6 +6,7 @@ main; each host then feeds its own rows of every global batch and `host_local_to
 the global arrays with `jax.make_array_from_process_local_data`.
 """
 
+import functools
 import os
 from typing import Any, Callable, Mapping, Optional
 
@@ -54,6 +55,40 @@ def maybe_initialize_distributed(environ: Optional[Mapping[str, str]] = None) ->
                jax.process_index(), jax.process_count(), jax.local_device_count(),
                jax.device_count())
   return True
+
+
+# XLA:CPU runs convolutions through YNNPACK by default in this jaxlib; its backward (input- and
+# weight-gradient) convolutions are ~2.5x slower here than XLA's own (Eigen) ones, while its
+# dots, reductions and elementwise fusions help. Training programs therefore keep YNNPACK for
+# everything but convolutions (BENCH-U train step, 2 cores: ~630 -> ~415 ms; benchmarks/README).
+_CPU_TRAIN_COMPILER_OPTIONS = {
+    "xla_cpu_experimental_ynn_fusion_type": ",".join([
+        "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT", "LIBRARY_FUSION_TYPE_REDUCE",
+        "LIBRARY_FUSION_TYPE_ELTWISE"]),
+}
+
+
+@functools.lru_cache(maxsize=None)
+def train_compiler_options() -> Optional[dict]:
+  """XLA compiler options for jitted train steps: `jax.jit(..., compiler_options=...)`.
+
+  None (XLA's defaults) on TPU/GPU, when $XLA_FLAGS already sets YNNPACK fusion, with
+  $LFM_JAX_XLA_DEFAULTS=1, or when this jaxlib does not know the option (checked by compiling
+  a tiny function once).
+  """
+  if jax.default_backend() != "cpu":
+    return None
+  if "ynn_fusion_type" in os.environ.get("XLA_FLAGS", ""):
+    return None
+  if os.environ.get("LFM_JAX_XLA_DEFAULTS", "").lower() in ("1", "true", "yes"):
+    return None
+  options = dict(_CPU_TRAIN_COMPILER_OPTIONS)
+  try:
+    jax.jit(lambda x: x + 1, compiler_options=options).lower(np.zeros(2, np.float32)).compile()
+  except Exception as e:  # pylint: disable=broad-except
+    logging.info("XLA:CPU train compiler options not available (%s); using XLA's defaults", e)
+    return None
+  return options
 
 
 def create_mesh(num_devices: Optional[int] = None) -> Mesh:

@@ -214,10 +214,11 @@ def make_train_step(model: nn.Module, config: Any, tx: optax.GradientTransformat
 
 
 def jit_train_step(train_step: Callable, mesh: jax.sharding.Mesh) -> Callable:
-  """jax.jit with explicit shardings (state replicated, batch on "data") and the state donated."""
+  """jax.jit with explicit shardings (state replicated, batch on "data"), the state donated and
+  parallel.train_compiler_options() (faster backward convolutions on CPU)."""
   rep, data = parallel.replicated(mesh), parallel.data_sharded(mesh)
   return jax.jit(train_step, in_shardings=(rep, data), out_shardings=(rep, rep),
-                 donate_argnames="state")
+                 donate_argnames="state", compiler_options=parallel.train_compiler_options())
 
 
 def abstract_train_state(rng: jax.Array, model: nn.Module, config: Any,

@@ -6,6 +6,7 @@ A tiny conv velocity net (same call signature as the U-Net) on 8x8x4 latents kee
 
 import glob
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -402,3 +403,43 @@ def test_default_model_is_the_unet(tmp_path):
                                    print_fn=lambda s: None)
   assert int(state.step) == 2
   assert any("loss" in r for r in train_utils.read_jsonl(str(tmp_path / "metrics.jsonl")))
+
+
+def _ynn_convolutions(hlo_text):
+  """The convolution instructions inside YNNPACK fusions of a compiled HLO module's text."""
+  bodies = dict(re.findall(r"^%?(\S+) [^\n]*\{\n(.*?)\n\}", hlo_text, re.M | re.S))
+  called = re.findall(r"calls=%?([\w.\-]+)[^\n]*__ynn_fusion", hlo_text)
+  return [line for name in called for line in bodies.get(name, "").splitlines()
+          if " convolution(" in line]
+
+
+def test_train_compiler_options_keep_the_numbers():
+  """On CPU the train step is compiled with parallel.train_compiler_options() (convolutions off
+  YNNPACK); the step computes the same numbers as with XLA's default options."""
+  opts = parallel.train_compiler_options()
+  assert opts and "xla_cpu_experimental_ynn_fusion_type" in opts  # the tests run on CPU
+  config = tiny_config()
+  model = model_for(config)
+  tx, schedule = train_utils.create_optimizer(config.train)
+  mesh = parallel.create_mesh(2)
+  raw = train.make_train_step(model, config, tx, schedule, mesh=mesh)
+  batch = parallel.host_local_to_global({k: v[:16] for k, v in make_latents(16).items()}, mesh)
+  finals = []
+  for options in (opts, None):
+    state = train.create_train_state(jax.random.PRNGKey(0), model, config, LATENT_SHAPE, tx=tx,
+                                     mesh=mesh)
+    step = jax.jit(raw, donate_argnames="state", compiler_options=options)
+    for _ in range(3):
+      state, _ = step(state, batch)
+    finals.append(_host(state).params)
+  assert train_utils.tree_max_abs_diff(finals[0], finals[1]) < 1e-5
+  # What the options change: a 64-channel conv's gradients leave YNNPACK (XLA's own are faster).
+  conv_grad = jax.jit(jax.grad(lambda x, w: jnp.sum(jax.lax.conv_general_dilated(
+      x, w, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")) ** 2), argnums=(0, 1)))
+  lowered = conv_grad.lower(jnp.ones((8, 16, 16, 64)), jnp.ones((3, 3, 64, 64)))
+  default = _ynn_convolutions(lowered.compile().as_text())
+  if not any("size=16x16" in line for line in default):
+    pytest.skip("this jaxlib does not run weight-gradient convolutions on YNNPACK")
+  tuned = _ynn_convolutions(lowered.compile(compiler_options=opts).as_text())
+  assert len(tuned) < len(default)
+  assert not any("size=16x16" in line for line in tuned)  # the weight gradient
