@@ -37,6 +37,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from lfm_jax import sampling  # noqa: E402
+from lfm_jax.models.dit import DiT, dit_config  # noqa: E402
 from lfm_jax.models.unet import UNet  # noqa: E402
 
 
@@ -47,6 +48,21 @@ def build_unet(width: int, quick: bool) -> UNet:
   return UNet(model_channels=width, channel_mult=(1, 2, 2), num_res_blocks=2,
               attention_resolutions=(8,), attention_semantics="resolution", num_heads=4,
               norm_num_groups=32)
+
+
+def build_dit(preset: str, quick: bool) -> DiT:
+  """A DiT preset such as "S/2" (heavy) or "S/4" (light: the same blocks on 4x fewer tokens)."""
+  if quick:
+    return DiT(hidden_size=32, depth=2, num_heads=2, patch_size=int(preset.split("/")[1]))
+  return DiT(**dit_config(preset))
+
+
+def describe(model) -> str:
+  """A short name of a velocity network: "UNet(width 64)", "DiT(384x12, patch 2)"."""
+  model = getattr(model, "inner", model)
+  if isinstance(model, DiT):
+    return f"DiT({model.hidden_size}x{model.depth}, patch {model.patch_size})"
+  return f"{type(model).__name__}(width {getattr(model, 'model_channels', '?')})"
 
 
 def forward_flops(model, params, shape, batch) -> float:
@@ -63,8 +79,13 @@ def main(argv=None):
   p.add_argument("--steps", type=int, default=50)
   p.add_argument("--light-fraction", type=float, default=0.7)
   p.add_argument("--solver", default="euler")
-  p.add_argument("--heavy-width", type=int, default=64)
-  p.add_argument("--light-width", type=int, default=32)
+  p.add_argument("--family", choices=("unet", "dit"), default="unet",
+                 help="random-weight models: U-Nets of two widths, or two DiT presets")
+  p.add_argument("--heavy-width", type=int, default=64, help="U-Net model_channels (heavy)")
+  p.add_argument("--light-width", type=int, default=32, help="U-Net model_channels (light)")
+  p.add_argument("--heavy-dit", default="S/2", help="DiT preset of the heavy model")
+  p.add_argument("--light-dit", default="S/4",
+                 help="DiT preset of the light model (S/4: S/2's blocks on 4x fewer tokens)")
   p.add_argument("--latent-size", type=int, default=16)
   p.add_argument("--heavy-workdir", default=None,
                  help="use the trained model of this lfm_jax workdir as the heavy model")
@@ -93,14 +114,15 @@ def main(argv=None):
     heavy_v = stages.velocity_fn_for(heavy, hm.num_classes, args.guidance_scale)
     light_v = stages.velocity_fn_for(light, lm.num_classes, args.guidance_scale)
     heavy_params, light_params = (hm.params, labels), (lm.params, labels)
-    args.heavy_width = int(getattr(heavy, "model_channels", 0))
-    args.light_width = int(getattr(light, "model_channels", 0))
     fl_heavy = forward_flops(heavy, hm.params, shape, args.batch_size)
     fl_light = forward_flops(light, lm.params, shape, args.batch_size)
   else:  # random weights: timing only
     shape = (args.latent_size, args.latent_size, 4)
-    heavy = build_unet(args.heavy_width, args.quick)
-    light = build_unet(args.light_width, args.quick)
+    if args.family == "dit":
+      heavy, light = build_dit(args.heavy_dit, args.quick), build_dit(args.light_dit, args.quick)
+    else:
+      heavy = build_unet(args.heavy_width, args.quick)
+      light = build_unet(args.light_width, args.quick)
     heavy_params = C.init_model_params(heavy, shape, seed=0)
     light_params = C.init_model_params(light, shape, seed=1)
     heavy_v, light_v = C.make_velocity(heavy), C.make_velocity(light)
@@ -152,8 +174,8 @@ def main(argv=None):
   n_l, n_h = results["coarse_to_fine"]["nfe_light"], results["coarse_to_fine"]["nfe_heavy"]
   ideal = (n_l + n_h) * fl_heavy / (n_l * fl_light + n_h * fl_heavy)
   C.emit({"kind": "coarse_to_fine_summary", "solver": args.solver, "num_steps": args.steps,
-          "light_fraction": args.light_fraction, "heavy_width": args.heavy_width,
-          "light_width": args.light_width, "forward_flops_heavy": fl_heavy,
+          "light_fraction": args.light_fraction, "family": args.family,
+          "heavy": describe(heavy), "light": describe(light), "forward_flops_heavy": fl_heavy,
           "forward_flops_light": fl_light, "flops_ratio_light_over_heavy": fl_light / fl_heavy,
           "nfe_light": n_l, "nfe_heavy": n_h,
           "speedup": round(speedup, 3),

@@ -60,8 +60,9 @@ def test_sampling_quick(capsys):
   assert [r["nfe"] for r in runs if r["solver"] == "euler"] == [4, 4]
 
 
-def test_coarse_to_fine_quick(capsys):
-  _load("coarse_to_fine").main(["--quick"])
+@pytest.mark.parametrize("family", ["unet", "dit"])
+def test_coarse_to_fine_quick(capsys, family):
+  _load("coarse_to_fine").main(["--quick", "--family", family])
   recs = _records(capsys)
   summary = [r for r in recs if r["kind"] == "coarse_to_fine_summary"]
   assert len(summary) == 1
@@ -69,6 +70,7 @@ def test_coarse_to_fine_quick(capsys):
   assert s["nfe_light"] + s["nfe_heavy"] == 10 and s["nfe_light"] == 7
   assert -1.0 <= s["cosine_mean"] <= 1.0 and s["speedup"] > 0
   assert s["flops_ratio_light_over_heavy"] < 0.5
+  assert s["family"] == family and s["heavy"] != s["light"]
 
 
 def test_scaling_quick(capsys):
