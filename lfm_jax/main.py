@@ -11,19 +11,25 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
 
 
-def _split_cpu_into_devices():
-  """On CPU, XLA runs a convolution on one thread: one host device per core (up to 8) lets the
-  data-parallel mesh use them all (measured ~1.5x on 2 cores). Accelerators are unaffected (their
-  devices are used, not the host's). Set LFM_JAX_CPU_DEVICES to choose; must run before jax loads."""
+def _split_cpu_into_devices(model_name: str = "unet"):
+  """On CPU, one host device per core (up to 8) for convolutional models; one for DiT.
+
+  XLA:CPU keeps a U-Net's many small convolutions and normalisations on few threads: a
+  data-parallel mesh over one device per core uses the cores better (the embedded default's
+  train step: -20% on 2 cores; BENCH-U: even). A DiT is dot-bound and XLA threads its dots well,
+  while splitting it across host devices triples its CPU time (BENCH-D on 2 cores: 3.6 s vs
+  10.7 s per step), so DiT runs on one device. Accelerators are unaffected (their devices are
+  used, not the host's). $LFM_JAX_CPU_DEVICES chooses; XLA_FLAGS with a device count wins.
+  Must run before jax is imported (main() calls it after flag parsing, before any jax import).
+  """
   flags_now = os.environ.get("XLA_FLAGS", "")
   if "xla_force_host_platform_device_count" in flags_now or "jax" in sys.modules:
     return
-  count = int(os.environ.get("LFM_JAX_CPU_DEVICES", min(os.cpu_count() or 1, 8)))
+  default = 1 if model_name == "dit" else min(os.cpu_count() or 1, 8)
+  count = int(os.environ.get("LFM_JAX_CPU_DEVICES", default))
   if count > 1:
     os.environ["XLA_FLAGS"] = f"{flags_now} --xla_force_host_platform_device_count={count}".strip()
 
-
-_split_cpu_into_devices()
 
 from absl import app  # noqa: E402
 from absl import flags  # noqa: E402
@@ -55,8 +61,9 @@ def main(argv):
   logging.get_absl_handler().addFilter(_QuietLibraries())
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-  from lfm_jax import stages  # pylint: disable=g-import-not-at-top
   config = FLAGS.config
+  _split_cpu_into_devices(str(config.get("model", {}).get("name", "unet")))
+  from lfm_jax import stages  # pylint: disable=g-import-not-at-top
   if FLAGS.mode:
     with config.unlocked():
       config.mode = FLAGS.mode
