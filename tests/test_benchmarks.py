@@ -80,3 +80,18 @@ def test_scaling_quick(capsys):
   assert [r["mesh_devices"] for r in recs] == [1, 2]
   assert all("error" not in r for r in recs)
   assert all(r["loss_matches_1_device"] for r in recs)
+
+
+def test_kernel_bound_quick_counts_the_step_flops(capsys):
+  _load("train_step").main(["--quick", "--bench", "U"])
+  step = [r for r in _records(capsys) if r["kind"] == "train_step"][0]
+  _load("kernel_bound").main(["--quick", "--bench", "U", "--top", "3"])
+  recs = _records(capsys)
+  ops = [r for r in recs if r["kind"] == "kernel_op"]
+  bound = [r for r in recs if r["kind"] == "kernel_bound"]
+  assert len(ops) == 3 and len(bound) == 1
+  b = bound[0]
+  # Every conv / dot of the step is timed once per occurrence: the same FLOPs as train_step's.
+  assert b["flops_model"] == step["flops_model"]
+  assert b["ms_kernels"] > 0 and b["ms_kernels"] >= max(r["ms_total"] for r in ops)
+  assert abs(b["ms_convolutions"] + b["ms_matmuls"] - b["ms_kernels"]) < 1e-2
