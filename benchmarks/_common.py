@@ -296,8 +296,8 @@ def common_args(parser, default_iters: int = 20) -> None:
 
 
 def default_host_devices() -> int:
-  """What `python -m lfm_jax.main` uses: one host device per CPU core (at most 8), or
-  $LFM_JAX_CPU_DEVICES."""
+  """What `python -m lfm_jax.main` uses for U-Nets: one host device per CPU core (at most 8), or
+  $LFM_JAX_CPU_DEVICES (for DiT configs lfm_jax.main uses one device)."""
   return int(os.environ.get("LFM_JAX_CPU_DEVICES", min(os.cpu_count() or 1, 8)))
 
 

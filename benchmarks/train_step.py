@@ -6,9 +6,10 @@ BENCH-D  DiT-S/2 on 4×32×32 latents, batch 16, fp32, AdamW, EMA.
 
 The step is lfm_jax.train.make_train_step + jit_train_step on a parallel.create_mesh() mesh
 (state replicated and donated, batch sharded on "data"), i.e. what `train_and_evaluate` runs.
-On CPU the script, like `python -m lfm_jax.main`, asks XLA for one host device per core (at
-most 8; $LFM_JAX_CPU_DEVICES overrides) before importing jax, so the batch is split over the
-cores; `--host-devices 1` measures a single device.
+On CPU the script, like `python -m lfm_jax.main` for U-Nets, asks XLA for one host device per
+core (at most 8; $LFM_JAX_CPU_DEVICES overrides) before importing jax, so the batch is split over
+the cores; `--host-devices 1` measures a single device, which is what lfm_jax.main uses for DiT
+(BENCH-D: 3.6 s/step on one device vs 10.7 s split over two on 2 cores).
 
 Printed (one JSON line each):
   {"kind": "matmul_peak", ...}    jnp.dot of two 2048×2048 fp32 matrices, median of --iters.
