@@ -14,6 +14,7 @@ from typing import Any, Callable, Optional
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 SIGMA_MIN = 1e-5
 
@@ -122,11 +123,21 @@ def guided_velocity(
     labels: jax.Array,
     guidance_scale: float,
     null_label: int,
+    interval: Optional[tuple[float, float]] = None,
 ) -> jax.Array:
   """Classifier-free guided velocity v_u + s (v_c - v_u), in one batched network call.
 
   The network sees [z; z] with labels [y; null] (batch 2B). With s == 1 this is the
   conditional velocity (no doubling is done); s == 0 gives the unconditional one.
+
+  Guidance interval: with `interval = (t_lo, t_hi)` guidance is applied only where
+  t_lo <= t <= t_hi (closed band, LFM's convention: t = 0 data, t = 1 noise); elsewhere the
+  result is the conditional velocity v_c (scale 1). A band given in the t = 0 noise convention
+  of SiT / paper 2, [a, b], is (1 - b, 1 - a) here. `interval = None` or (0, 1) is plain CFG
+  at every t. When t is static (a Python or NumPy number, or a concrete array) the band is
+  decided in Python: outside it the network runs once on batch B. When t is traced (inside a
+  jitted sampler) the network runs once on batch 2B and jnp.where picks, per example, the
+  guided or the conditional half, so the function stays jittable with no data-dependent shape.
 
   Args:
     velocity_fn: (t (B,), z (B, ...), y (B,)) -> v.
@@ -135,15 +146,46 @@ def guided_velocity(
     labels: (B,) int labels.
     guidance_scale: s (a Python float or a traced scalar).
     null_label: the null class index.
+    interval: optional (t_lo, t_hi) band of t where guidance applies (floats or scalar arrays).
+  Returns:
+    the velocity, same shape and dtype as velocity_fn's output.
   """
   b = z.shape[0]
-  t = jnp.broadcast_to(jnp.asarray(t, z.dtype), (b,))
   if isinstance(guidance_scale, (int, float)) and guidance_scale == 1.0:
-    return velocity_fn(t, z, labels)
+    return velocity_fn(jnp.broadcast_to(jnp.asarray(t, z.dtype), (b,)), z, labels)
+  in_band = None  # None: guidance everywhere
+  if interval is not None:
+    if len(interval) != 2:
+      raise ValueError(f"guidance interval must be (t_lo, t_hi), got {interval!r}")
+    lo, hi = interval
+    if isinstance(lo, (int, float)) and isinstance(hi, (int, float)) and not 0.0 <= lo <= hi <= 1.0:
+      raise ValueError(f"guidance interval must satisfy 0 <= t_lo <= t_hi <= 1, got {interval!r}")
+    t_static = _concrete_or_none(t)
+    lo_static, hi_static = _concrete_or_none(lo), _concrete_or_none(hi)
+    if t_static is not None and lo_static is not None and hi_static is not None:
+      inside = (t_static >= lo_static) & (t_static <= hi_static)
+      if not np.any(inside):
+        return velocity_fn(jnp.broadcast_to(jnp.asarray(t, z.dtype), (b,)), z, labels)
+      if not np.all(inside):
+        in_band = jnp.asarray(np.broadcast_to(inside, (b,)))
+    else:
+      tb = jnp.broadcast_to(jnp.asarray(t), (b,))
+      in_band = (tb >= lo) & (tb <= hi)
+  t = jnp.broadcast_to(jnp.asarray(t, z.dtype), (b,))
   null = jnp.full_like(labels, null_label)
   v = velocity_fn(jnp.concatenate([t, t]), jnp.concatenate([z, z]), jnp.concatenate([labels, null]))
   v_cond, v_uncond = v[:b], v[b:]
-  return v_uncond + guidance_scale * (v_cond - v_uncond)
+  guided = v_uncond + guidance_scale * (v_cond - v_uncond)
+  if in_band is None:
+    return guided
+  return jnp.where(in_band.reshape((b,) + (1,) * (guided.ndim - 1)), guided, v_cond)
+
+
+def _concrete_or_none(x) -> Optional[np.ndarray]:
+  """x as a NumPy array when its value is known at trace time, else None (a tracer)."""
+  if isinstance(x, jax.core.Tracer):
+    return None
+  return np.asarray(x)
 
 
 def gaussian_marginal_velocity(t: jax.Array, z: jax.Array, mean: jax.Array, std: jax.Array,
