@@ -7,7 +7,8 @@ Criteria (higher score = "harder" / more atypical):
   * loss      `loss_scores`: flow-matching loss of a (small, trained) velocity model at
               `num_times` fixed interior times with a SHARED bank of `num_noises` fixed noises.
   * gradient  `gradient_scores`: the same protocol with the squared norm of the per-sample
-              parameter gradient of that loss.
+              parameter gradient of that loss, computed in chunks of examples so that memory
+              is bounded by chunk x params (config `score.gradient_chunk_size`).
   * cluster   `cluster_scores`: spherical k-means on L2-normalised embeddings; the score is the
               cosine distance 1 - <x, c> to the assigned centre (the assignments are returned).
 Baselines: `random_scores`, `kcenter_order` / `kcenter_scores` (greedy farthest-point coreset),
@@ -36,6 +37,7 @@ of the SET of ids, so results do not depend on input order, host or run.
 
 from __future__ import annotations
 
+import functools
 import json
 from typing import Any, Callable, Mapping, Optional, Sequence
 
@@ -53,6 +55,9 @@ RULES = ("highest", "lowest", "random", "proportional", "proportional_nearest",
          "proportional_furthest", "balanced", "balanced_nearest", "balanced_furthest", "kcenter",
          "herding")
 _EPS = 1e-12
+# Examples whose per-example gradients are held at once by `gradient_scores` (config
+# score.gradient_chunk_size).
+DEFAULT_GRADIENT_CHUNK_SIZE = 8
 
 
 # ---------------------------------------------------------------------------------------------
@@ -112,9 +117,31 @@ def _make_loss_batch_fn(velocity_fn: VelocityFn, num_times: int, num_noises: int
   return fn
 
 
+def chunk_layout(batch_size: int, chunk_size: Optional[int]) -> tuple[int, int]:
+  """(num_chunks, chunk) for per-example gradients of a batch in chunks of at most chunk_size.
+
+  num_chunks = ceil(batch_size / chunk_size) and chunk = ceil(batch_size / num_chunks), so the
+  padding (num_chunks * chunk - batch_size < num_chunks rows) is as small as it can be.
+  chunk_size None (or >= batch_size) is one chunk of the whole batch.
+  """
+  if chunk_size is None or int(chunk_size) >= batch_size:
+    return 1, batch_size
+  if int(chunk_size) < 1:
+    raise ValueError(f"score.gradient_chunk_size must be >= 1, got {chunk_size}")
+  num_chunks = -(-batch_size // int(chunk_size))
+  return num_chunks, -(-batch_size // num_chunks)
+
+
 def _make_grad_batch_fn(velocity_fn: VelocityFn, num_times: int, num_noises: int,
-                        sigma_min: float) -> Callable:
-  """(params, z, y, bank, ts, ms) -> (B, T) squared per-sample gradient norms, noise-averaged."""
+                        sigma_min: float, chunk_size: Optional[int] = None) -> Callable:
+  """(params, z, y, bank, ts, ms) -> (B, T) squared per-sample gradient norms, noise-averaged.
+
+  Per-example gradients are a jax.vmap of jax.grad over a chunk of the batch, and the chunks run
+  one after another under jax.lax.map, so at most chunk x params gradient values are live at
+  once (the whole batch when chunk_size is None). Chunk j holds rows i * num_chunks + j: a batch
+  sharded on its leading axis stays sharded along each chunk (make the chunk a multiple of the
+  device count to split it evenly).
+  """
 
   def sample_loss(params, z1, y1, eps1, t):
     # One example as a batch of one: z1 (...), y1 () or None.
@@ -132,16 +159,36 @@ def _make_grad_batch_fn(velocity_fn: VelocityFn, num_times: int, num_noises: int
     return sum(jnp.sum(jnp.square(g.astype(jnp.float32))) for g in jax.tree_util.tree_leaves(tree))
 
   def fn(params, z, y, bank, ts, ms):
-    def one(tm):
-      t, m = tm
-      eps = bank[m]
-      y_axis = None if y is None else 0
-      per = jax.vmap(lambda z1, y1: sq_norm(grad_fn(params, z1, y1, eps, t)),
-                     in_axes=(0, y_axis))(z, y)
-      return per
+    b = z.shape[0]
+    num_chunks, chunk = chunk_layout(b, chunk_size)
+    pad = num_chunks * chunk - b
+    y_axis = None if y is None else 0
+
+    def per_example(eps, t, zz, yy):
+      return jax.vmap(lambda z1, y1: sq_norm(grad_fn(params, z1, y1, eps, t)),
+                      in_axes=(0, y_axis))(zz, yy)
+
+    if num_chunks == 1:
+      def one(tm):
+        t, m = tm
+        return per_example(bank[m], t, z, y)
+    else:
+      def to_chunks(a):  # (B, ...) -> (num_chunks, chunk, ...), chunk j = rows i * num_chunks + j
+        if pad:
+          a = jnp.concatenate([a, jnp.zeros((pad,) + a.shape[1:], a.dtype)])
+        return a.reshape((chunk, num_chunks) + a.shape[1:]).swapaxes(0, 1)
+
+      zc = to_chunks(z)
+      yc = None if y is None else to_chunks(y)
+
+      def one(tm):
+        t, m = tm
+        eps = bank[m]
+        per = jax.lax.map(lambda zy: per_example(eps, t, *zy), (zc, yc))  # (num_chunks, chunk)
+        return per.swapaxes(0, 1).reshape(-1)[:b]
 
     g2 = jax.lax.map(one, (ts, ms))  # (T * M, B)
-    g2 = g2.reshape(num_times, num_noises, z.shape[0]).mean(axis=1)
+    g2 = g2.reshape(num_times, num_noises, b).mean(axis=1)
     return g2.T
 
   return fn
@@ -234,13 +281,17 @@ def loss_scores(velocity_fn: VelocityFn, params, latents, labels=None, *, num_ti
 
 def gradient_scores(velocity_fn: VelocityFn, params, latents, labels=None, *,
                     num_times: int = 10, num_noises: int = 2, batch_size: int = 64, seed: int = 0,
-                    sigma_min: float = flow.SIGMA_MIN, sharding=None, return_raw: bool = False):
+                    sigma_min: float = flow.SIGMA_MIN, sharding=None, return_raw: bool = False,
+                    chunk_size: Optional[int] = DEFAULT_GRADIENT_CHUNK_SIZE):
   """Gradient score: as `loss_scores`, with ||d loss_i / d params||^2 per example.
 
-  Per-example gradients are jax.vmap of jax.grad over the batch (memory ~ batch_size x params;
-  choose batch_size accordingly). The velocity function sees each example as a batch of one.
+  Per-example gradients are jax.vmap of jax.grad over chunks of `chunk_size` examples (config
+  `score.gradient_chunk_size`), run one chunk after another, so the gradient memory is about
+  chunk_size x params x 4 bytes (e.g. 8 x 33M-parameter DiT-S/2 ~ 1 GB) whatever batch_size is;
+  None vmaps the whole batch at once. The chunking changes no number beyond float rounding. The
+  velocity function sees each example as a batch of one.
   """
-  fn = _make_grad_batch_fn(velocity_fn, num_times, num_noises, sigma_min)
+  fn = _make_grad_batch_fn(velocity_fn, num_times, num_noises, sigma_min, chunk_size)
   raw = _run_batched(fn, params, latents, labels, num_times=num_times, num_noises=num_noises,
                      batch_size=batch_size, seed=seed, sharding=sharding)
   scores = normalize_per_time(raw)
@@ -492,18 +543,23 @@ def herding_scores(ids, embeddings, *, kernel: str = "rbf", bandwidth: Optional[
 def compute_scores(criterion: str, ids, *, embeddings=None, latents=None, labels=None,
                    velocity_fn: Optional[VelocityFn] = None, params=None, num_clusters: int = 10,
                    num_times: int = 10, num_noises: int = 2, batch_size: int = 256,
-                   seed: int = 0, sharding=None) -> tuple[np.ndarray, Optional[np.ndarray]]:
+                   seed: int = 0, sharding=None,
+                   gradient_chunk_size: Optional[int] = DEFAULT_GRADIENT_CHUNK_SIZE,
+                   ) -> tuple[np.ndarray, Optional[np.ndarray]]:
   """Dispatch on config.score.criterion. Returns (scores (N,), clusters (N,) or None).
 
   loss / gradient need velocity_fn, params, latents (labels optional); cluster / kcenter /
   herding need embeddings; random needs only ids. Rows may come in any order; latent-based scores
-  are per example and so order independent too.
+  are per example and so order independent too. gradient_chunk_size bounds the per-example
+  gradients held at once by the gradient criterion (see `gradient_scores`).
   """
   ids = np.asarray(ids, np.int64)
   if criterion in ("loss", "gradient"):
     if velocity_fn is None or latents is None:
       raise ValueError(f"criterion {criterion!r} needs velocity_fn, params and latents")
-    fn = loss_scores if criterion == "loss" else gradient_scores
+    fn = loss_scores
+    if criterion == "gradient":
+      fn = functools.partial(gradient_scores, chunk_size=gradient_chunk_size)
     return fn(velocity_fn, params, latents, labels, num_times=num_times, num_noises=num_noises,
               batch_size=batch_size, seed=seed, sharding=sharding), None
   if criterion == "random":
