@@ -30,7 +30,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
-from lfm_jax.converters.common import WeightConversionError, check_keys, torch_load
+from lfm_jax import storage
+from lfm_jax.converters.common import (WeightConversionError, check_keys, load_safetensors,
+                                       save_safetensors, torch_load)
 from lfm_jax.models.autoencoder import AutoencoderKL
 
 LDM_PREFIX = "first_stage_model."
@@ -323,13 +325,7 @@ def _load_torch_file(path: str, allow_pickle: bool) -> Dict[str, Any]:
 
 def _load_state_dict_file(path: str, allow_pickle: bool = False) -> Dict[str, Any]:
   if path.endswith(".safetensors"):
-    from safetensors.numpy import load_file  # pylint: disable=g-import-not-at-top
-    try:
-      return load_file(path)
-    except Exception:  # bfloat16 tensors have no numpy dtype; go through torch if present
-      from safetensors import safe_open  # pylint: disable=g-import-not-at-top
-      with safe_open(path, framework="pt") as f:
-        return {k: f.get_tensor(k) for k in f.keys()}
+    return load_safetensors(path)
   if path.endswith(_TORCH_SUFFIXES):
     return _load_torch_file(path, allow_pickle)
   raise WeightConversionError(f"{path}: unknown checkpoint format (want .safetensors, .ckpt, "
@@ -350,27 +346,27 @@ def load_autoencoder_kl(path: str, *, config: Optional[Mapping[str, Any]] = None
     module_overrides: extra AutoencoderKL fields, e.g. small_map_threshold.
   Never downloads: a path that does not exist raises FileNotFoundError.
   """
-  path = os.fspath(path)
-  if not os.path.exists(path):
-    raise FileNotFoundError(f"autoencoder checkpoint {path!r} not found (only local files are "
-                            "supported; nothing is downloaded)")
-  if os.path.isdir(path):
-    if not os.path.exists(os.path.join(path, "config.json")) and os.path.exists(
-        os.path.join(path, "vae", "config.json")):
-      path = os.path.join(path, "vae")
-    cfg_path = os.path.join(path, "config.json")
-    if not os.path.exists(cfg_path):
-      raise FileNotFoundError(f"{path}: a diffusers directory needs config.json")
-    with open(cfg_path) as f:
-      cfg = json.load(f)
+  root = storage.path(path)
+  path = storage.display(root)
+  if not root.exists():
+    raise FileNotFoundError(f"autoencoder checkpoint {path!r} not found (nothing is "
+                            "downloaded)")
+  if root.is_dir():
+    if not (root / "config.json").exists() and (root / "vae" / "config.json").exists():
+      root = root / "vae"
+    cfg_path = root / "config.json"
+    if not cfg_path.exists():
+      raise FileNotFoundError(f"{storage.display(root)}: a diffusers directory needs config.json")
+    cfg = storage.read_json(cfg_path)
     if config:
       cfg.update(config)
     for name in DIFFUSERS_WEIGHTS:
-      wpath = os.path.join(path, name)
-      if os.path.exists(wpath):
+      wpath = root / name
+      if wpath.exists():
         break
     else:
-      raise FileNotFoundError(f"{path}: no {' or '.join(DIFFUSERS_WEIGHTS)}")
+      raise FileNotFoundError(f"{storage.display(root)}: no {' or '.join(DIFFUSERS_WEIGHTS)}")
+    wpath = storage.display(wpath)
     state_dict = _load_state_dict_file(wpath, allow_pickle)
     source = wpath
   else:
@@ -395,9 +391,7 @@ def export_autoencoder_kl(module: AutoencoderKL, params, out_dir: str, *,
   Loadable with `diffusers.AutoencoderKL.from_pretrained(out_dir)` and with
   `load_autoencoder_kl(out_dir)`. Returns out_dir.
   """
-  from safetensors.numpy import save_file  # pylint: disable=g-import-not-at-top
-  out_dir = os.fspath(out_dir)
-  os.makedirs(out_dir, exist_ok=True)
+  out = storage.path(out_dir)
   state_dict = autoencoder_kl_to_state_dict(params)
   want = expected_shapes(module)
   check_keys(
@@ -407,10 +401,6 @@ def export_autoencoder_kl(module: AutoencoderKL, params, out_dir: str, *,
       mismatched=[(k, state_dict[k].shape, _torch_shape(want[k][1]))
                   for k in want if k in state_dict
                   and tuple(state_dict[k].shape) != _torch_shape(want[k][1])])
-  wpath = os.path.join(out_dir, DIFFUSERS_WEIGHTS[0])
-  save_file(state_dict, wpath + ".tmp", metadata={"format": "pt"})
-  os.replace(wpath + ".tmp", wpath)
-  cfg = diffusers_config(module, scaling_factor, sample_size)
-  with open(os.path.join(out_dir, "config.json"), "w") as f:
-    json.dump(cfg, f, indent=2, sort_keys=True)
-  return out_dir
+  save_safetensors(out / DIFFUSERS_WEIGHTS[0], state_dict, metadata={"format": "pt"})
+  storage.write_json(out / "config.json", diffusers_config(module, scaling_factor, sample_size))
+  return storage.display(out)

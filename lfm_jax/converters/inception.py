@@ -17,6 +17,7 @@ from typing import Any, Dict, Mapping, Tuple
 
 import numpy as np
 
+from lfm_jax import storage
 from lfm_jax.converters.common import check_keys, torch_load
 from lfm_jax.models.inception import InceptionV3, variable_shapes
 
@@ -111,7 +112,7 @@ def load_inception(path: str):
   raises FileNotFoundError saying where to get the file.
   """
   path = os.fspath(path)
-  if not os.path.isfile(path):
+  if not storage.path(path).is_file():
     raise FileNotFoundError(
         f"Inception weights file not found: {path}. Download pytorch-fid's {WEIGHTS_FILENAME} "
         "(https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/"
@@ -124,4 +125,40 @@ def load_inception(path: str):
   return InceptionV3(), convert_inception_state_dict(state_dict, source=path)
 
 
-__all__ = ("load_inception", "convert_inception_state_dict", "WEIGHTS_FILENAME")
+def convert_inception_logits(state_dict: Mapping[str, Any], source: str = "<state_dict>"):
+  """The 1008-way `fc` of a FID-Inception state dict -> {"kernel": (2048, 1008), "bias": (1008,)}.
+
+  For `InceptionV3(with_logits=True)` (variables["params"]["fc"]). Strict: `fc.weight` and
+  `fc.bias` must be present with pytorch-fid's shapes (torchvision's 1000-class head is refused).
+  """
+  missing = [k for k in _FC_SHAPES if k not in state_dict]
+  mismatched = [(k, tuple(state_dict[k].shape), shape) for k, shape in _FC_SHAPES.items()
+                if k in state_dict and tuple(state_dict[k].shape) != shape]
+  check_keys(source, missing, (), mismatched)
+  return {"kernel": np.ascontiguousarray(_to_numpy(state_dict["fc.weight"]).astype(np.float32).T),
+          "bias": _to_numpy(state_dict["fc.bias"]).astype(np.float32)}
+
+
+def load_inception_with_logits(path: str):
+  """As `load_inception`, logits included -> (InceptionV3(with_logits=True), variables).
+
+  `module.apply(variables, images_0_255)` returns {"pool3", "logits_unbiased", "logits"}
+  (the Inception Score reads "logits_unbiased"). Raises WeightConversionError when the file
+  lacks `fc.weight` / `fc.bias`.
+  """
+  path = os.fspath(path)
+  from etils import epath  # pylint: disable=g-import-not-at-top
+  if not epath.Path(path).is_file():
+    load_inception(path)  # raises FileNotFoundError saying where to get the file
+  state_dict = torch_load(path)
+  if isinstance(state_dict, Mapping) and isinstance(state_dict.get("state_dict"), Mapping):
+    state_dict = state_dict["state_dict"]
+  if not isinstance(state_dict, Mapping):
+    raise ValueError(f"{path}: expected a state dict, got {type(state_dict).__name__}")
+  variables = convert_inception_state_dict(state_dict, source=path)
+  variables["params"]["fc"] = convert_inception_logits(state_dict, source=path)
+  return InceptionV3(with_logits=True), variables
+
+
+__all__ = ("load_inception", "convert_inception_state_dict", "WEIGHTS_FILENAME",
+           "convert_inception_logits", "load_inception_with_logits")

@@ -34,7 +34,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lfm_jax.converters.common import WeightConversionError, check_keys, torch_load
+from lfm_jax.converters.common import (WeightConversionError, check_keys, load_safetensors,
+                                       save_safetensors, torch_load, torch_save)
 from lfm_jax.models import SiTConventionWrapper, unwrap
 from lfm_jax.models.dit import DIT_PRESETS, DiT
 from lfm_jax.models.layers import num_groups_for, sincos_pos_embed_2d
@@ -174,8 +175,7 @@ def read_state_dict(path: str, prefer: str = "ema", trust_pickle: bool = False):
   Namespace in LFM's content.pth) need trust_pickle=True (only for files you trust).
   """
   if path.endswith(".safetensors"):
-    from safetensors.numpy import load_file
-    return extract_state_dict(load_file(path), prefer)
+    return extract_state_dict(load_safetensors(path), prefer)
   obj = torch_load(path, trust_pickle=trust_pickle)
   return extract_state_dict(obj, prefer)
 
@@ -886,9 +886,7 @@ def export_velocity_checkpoint(module, params, path: str, *, layout: Optional[st
   sd = params_to_state_dict(params, module, latent_size=latent_size, layout=layout)
   path = os.fspath(path)
   if path.endswith(".safetensors"):
-    from safetensors.numpy import save_file
-    save_file(sd, path)
+    save_safetensors(path, sd)
   else:
-    import torch
-    torch.save({k: torch.from_numpy(np.array(v)) for k, v in sd.items()}, path)
+    torch_save(path, sd)
   return sd
