@@ -25,6 +25,8 @@ INSTALL_REQUIRES = [
     "dm-pix",
     # Ships the 8x8 digits of the embedded default (offline data).
     "scikit-learn",
+    # Reads the official LSUN LMDB files (lfm_jax/datasets/lsun_lmdb.py).
+    "lmdb",
 ]
 
 EXTRAS = {

@@ -156,27 +156,37 @@ def dit(model, preset):
   model.dit_preset = preset  # S/2 | B/2 | L/2 | XL/2 (models/dit.py)
 
 
-def celeb_a_hq(data, image_size=256):
-  """CelebA-HQ through tfds (`celeb_a_hq/<size>`, manual download), NVAE's 27k/3k split."""
+def celeb_a_hq(data, image_size=256, task="generation"):
+  """CelebA-HQ through tfds (`celeb_a_hq/<size>`, manual data<size>x<size>.tar), 27k/3k split.
+
+  "train[:90%]" of the 30,000 images is 27,000 ("train[90%:]" the other 3,000); tfds stores
+  CelebA-HQ in its own hashed order, so these are a fixed 27,000, not images 0..26999.
+  task="inpainting" adds LFM's training masks (`mask`, lfm_jax/masks.py), drawn from
+  (data.mask_seed, id).
+  """
   data.name = f"celeb_a_hq/{image_size}"
-  data.train_split = "train[:27000]"
-  data.eval_split = "train[27000:]"
+  data.train_split = "train[:90%]"
+  data.eval_split = "train[90%:]"
   data.crop = "none"  # already square: resize only
   data.random_flip = True
+  data.task = task
+  if task == "inpainting":
+    data.mask_kind = "lfm"
 
 
 def ffhq(data):
-  """FFHQ 256 through lfm_jax's `ffhq` builder, NVAE's first-63k train split."""
+  """FFHQ 256 through lfm_jax's `ffhq` builder: NVAE's first 63,000 (90%) of 70,000 train."""
   data.name = "ffhq"
-  data.train_split = "train[:63000]"
-  data.eval_split = "train[63000:]"
+  data.train_split = "train[:90%]"
+  data.eval_split = "train[90%:]"
   data.crop = "none"
   data.random_flip = True
 
 
 def lsun(data, category):
-  """LSUN church_outdoor / bedroom: first 120k training images, resize + center crop + flip."""
-  data.name = f"lsun/{category}"
+  """LSUN church_outdoor / bedroom from the official LMDB files (`lfm_lsun/<category>`): the
+  first 120k training images in LMDB key order, resize + center crop + flip."""
+  data.name = f"lfm_lsun/{category}"
   data.train_split = "train"
   data.eval_split = "validation"
   data.max_train_examples = NUM_TRAIN["lsun"]
@@ -192,3 +202,15 @@ def imagenet(data):
   data.crop = "adm"
   data.random_flip = True
   data.num_classes = 1000
+
+
+def celebamask_hq(data, image_size=256):
+  """CelebAMask-HQ semantic synthesis (`celebamask_hq`, manual CelebAMask-HQ.zip): LFM's split,
+  images 0..26999 train and 27000..29999 test; batches carry `segmentation` (19 classes)."""
+  data.name = "celebamask_hq"
+  data.image_size = image_size
+  data.train_split = "train"
+  data.eval_split = "test"
+  data.crop = "none"
+  data.random_flip = False  # LFM does not flip (a flip would also swap left/right classes)
+  data.task = "semantic"

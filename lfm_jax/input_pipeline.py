@@ -1,29 +1,46 @@
 """Input pipelines: every image lfm_jax reads goes through tensorflow-datasets.
 
-Data sets (`config.data.name`):
+Data sets (`config.data.name`; the manual files each needs: lfm_jax/datasets/manual.py):
   "lfm_digits"       scikit-learn's digits (lfm_jax/datasets/lfm_digits.py); the builder config
                      follows data.image_size and data.channels ("16x16_gray", ...). Offline.
-  "celeb_a_hq/256"   tfds CelebA-HQ; manual dir: data256x256.tar (progressive_growing_of_gans).
+  "celeb_a_hq/256"   tfds CelebA-HQ; manual dir: data256x256.tar (a tar of the 256px images).
   "ffhq"             our builder over the official PNGs (lfm_jax/datasets/ffhq.py); manual dir.
+  "lfm_lsun/church_outdoor", "lfm_lsun/bedroom"
+                     our builder over the official LMDB folders or zips (datasets/lsun_lmdb.py),
+                     stored in LMDB key order; with data.max_train_examples = N only the first N
+                     train keys are prepared (config "<category>_first<N>").
   "lsun/church_outdoor", "lsun/bedroom"
                      tfds LSUN (needs a prepared copy: it is downloaded, never here);
-                     data.max_train_examples = 120_000 keeps the first 120k, as LFM does, in
-                     LMDB key order (tfds stores LSUN shuffled; ids stay split indices).
+                     data.max_train_examples keeps the first N in LMDB key order (tfds stores LSUN
+                     shuffled; ids stay split indices).
   "imagenet2012"     tfds ImageNet; manual dir: ILSVRC2012_img_train.tar, ILSVRC2012_img_val.tar.
+  "celebamask_hq"    our builder over CelebAMask-HQ.zip (datasets/celebamask_hq.py): images and
+                     19-class label maps; splits train (images 0..26999) and test (27000..29999).
   "image_folder"     data.image_folder (class sub-folders -> labels; see datasets/image_folder.py).
   any other tfds name (used as is).
 `PAPER_PRESETS` lists the preprocessing the paper experiments use for each.
 
+Splits: any tfds split expression of ONE split: "train", "train[:27000]", "train[27000:]",
+"train[:90%]", "validation[10%:]" (tfds resolves it: percent boundaries round to the closest
+example). An example's `id` is its index in the BASE split, whatever the slice: the ids of
+"train[27000:]" start at 27000; `ids=` and data.max_train_examples speak the same ids.
+data.max_train_examples = N keeps the first N examples of data.train_split's selection.
+
 Examples: {"image": float32 (S, S, C) in [-1, 1], "label": int32 (0 when unconditional),
-"id": int64 = the example's index in its split}. Preprocessing (data.crop): "none" resizes to
+"id": int64}, plus "segmentation": int32 (S, S) class ids when the data set has label maps
+(celebamask_hq; resized nearest, flipped with the image, left/right classes swapped), plus
+"mask": float32 (S, S), 1 = known pixel, 0 = hole, when data.task == "inpainting"
+(lfm_jax/masks.py; data.mask_kind: "lfm" draws LFM's masks from (data.mask_seed, id), the same
+for any host count, epoch and batch size; "center"; "file" = one PNG for every example; "dir" =
+<data.mask_path>/<id:06d>.png). Preprocessing (data.crop): "none" resizes to
 S x S (bilinear, antialiased; a no-op at the stored size), "center" resizes the shorter side to S
 then centre-crops (LSUN), "adm" is ADM's centre crop (halve with a box filter while the shorter
 side >= 2S, bicubic to shorter side S, round to uint8, centre-crop; with tf's box and
 antialiased Keys-cubic kernels this is within ~1 grey level of ADM's PIL code on average). data.random_flip adds a
 horizontal flip drawn statelessly from (seed, epoch, id): identical whatever the host count.
 
-Multi-host: each host reads only its own contiguous, even share of the split (the arithmetic of
-`tfds.even_splits`/`tfds.split_for_jax_process`, kept explicit so each example's id is exact).
+Multi-host: each host reads only its own contiguous, even share of the selection (the arithmetic
+of `tfds.even_splits`/`tfds.split_for_jax_process`, kept explicit so each example's id is exact).
 `batch_size` is always the GLOBAL batch; each host yields batch_size // process_count rows.
 
 Determinism and resume: files are read in order, the epoch-e order is a seeded buffer shuffle with
@@ -32,38 +49,53 @@ stream at epoch (k * host_batch) // host_examples and skips only within that epo
 (`ResumableIterator`). `ArrayIterator` gives the same contract for in-memory arrays (latent cache).
 
 Offline safety: nothing here downloads. A data set that is not prepared is prepared at once when
-that needs no network (lfm_digits, image folders, FFHQ/CelebA-HQ/ImageNet whose manual files are
-in place), otherwise `DatasetNotAvailableError` is raised immediately, saying which files to put
-where or which command to run on a machine with network access.
+that needs no network (lfm_digits, image folders, and the manual-file data sets above whose files
+are in place and pass their checks), otherwise `DatasetNotAvailableError` is raised immediately,
+saying which files to put where or which command to run on a machine with network access. A
+manual file in the wrong format or resolution, a split or slice that selects nothing, or a bad
+mask file is a one-line error naming it, raised before any compile.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-from typing import Any, Iterator, Mapping, Optional, Sequence
+import types
+from typing import Any, Iterator, Mapping, NamedTuple, Optional, Sequence
 
 import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
 from lfm_jax import datasets as _datasets  # noqa: F401  (registers our builders)
+from lfm_jax import masks as _masks
+from lfm_jax.datasets import celebamask_hq as _celebamask_hq
 from lfm_jax.datasets import ffhq as _ffhq
 from lfm_jax.datasets import image_folder as _image_folder
 from lfm_jax.datasets import lfm_digits as _lfm_digits
+from lfm_jax.datasets import lsun_lmdb as _lsun_lmdb
+from lfm_jax.datasets import manual as _manual
 
 __all__ = [
-    "DatasetNotAvailableError", "PAPER_PRESETS", "get_builder", "ensure_prepared",
-    "dataset_info", "num_examples", "preprocess_image", "create_dataset", "iterate_numpy",
+    "DatasetNotAvailableError", "ManualFileError", "PAPER_PRESETS", "TASKS", "MASK_KINDS",
+    "get_builder", "ensure_prepared", "dataset_info", "num_examples", "split_range",
+    "segmentation_classes", "preprocess_image", "create_dataset", "iterate_numpy",
     "ResumableIterator", "ArrayIterator", "host_range",
 ]
 
 # Preprocessing of the paper experiments (for configs; the pipeline itself reads config.data).
 PAPER_PRESETS = {
     "celeb_a_hq/256": dict(image_size=256, channels=3, crop="none", random_flip=True,
-                           num_classes=0, train_split="train", eval_split="train"),
+                           num_classes=0, train_split="train[:90%]",
+                           eval_split="train[90%:]"),
     "ffhq": dict(image_size=256, channels=3, crop="none", random_flip=True, num_classes=0,
-                 train_split="train", eval_split="train"),
+                 train_split="train[:90%]", eval_split="train[90%:]"),
+    "lfm_lsun/church_outdoor": dict(image_size=256, channels=3, crop="center", random_flip=True,
+                                    num_classes=0, max_train_examples=120_000,
+                                    train_split="train", eval_split="validation"),
+    "lfm_lsun/bedroom": dict(image_size=256, channels=3, crop="center", random_flip=True,
+                             num_classes=0, max_train_examples=120_000, train_split="train",
+                             eval_split="validation"),
     "lsun/church_outdoor": dict(image_size=256, channels=3, crop="center", random_flip=True,
                                 num_classes=0, max_train_examples=120_000,
                                 train_split="train", eval_split="validation"),
@@ -72,13 +104,17 @@ PAPER_PRESETS = {
                          eval_split="validation"),
     "imagenet2012": dict(image_size=256, channels=3, crop="adm", random_flip=True,
                          num_classes=1000, train_split="train", eval_split="validation"),
+    "celebamask_hq": dict(image_size=256, channels=3, crop="none", random_flip=False,
+                          num_classes=0, train_split="train", eval_split="test",
+                          task="semantic"),
 }
 
 _CROPS = ("none", "center", "adm")
+TASKS = ("generation", "inpainting", "semantic")
+MASK_KINDS = ("lfm", "center", "file", "dir")
 
-
-class DatasetNotAvailableError(RuntimeError):
-  """The data set is not prepared and cannot be prepared offline; the message says how."""
+DatasetNotAvailableError = _manual.DatasetNotAvailableError
+ManualFileError = _manual.ManualFileError
 
 
 # ---------------------------------------------------------------------------------------------
@@ -104,6 +140,11 @@ def _manual_dir(data_config) -> str:
   return os.path.join(_data_dir(data_config), "downloads", "manual")
 
 
+def _smallest_stored(configs, size: int) -> int:
+  stored = [c.resolution for c in configs]
+  return min([r for r in stored if r >= size] or [max(stored)])
+
+
 def _resolve_name(data_config) -> tuple[str, Optional[tfds.core.BuilderConfig]]:
   """(tfds name, BuilderConfig object or None) for config.data."""
   name = _get(data_config, "name")
@@ -114,8 +155,18 @@ def _resolve_name(data_config) -> tuple[str, Optional[tfds.core.BuilderConfig]]:
         int(_get(data_config, "image_size", 16)), int(_get(data_config, "channels", 1)))
   if name == "ffhq":
     size = int(_get(data_config, "image_size", 256))
-    stored = [c.resolution for c in _ffhq.Ffhq.BUILDER_CONFIGS]
-    return f"ffhq/{min([r for r in stored if r >= size] or [max(stored)])}", None
+    return f"ffhq/{_smallest_stored(_ffhq.Ffhq.BUILDER_CONFIGS, size)}", None
+  if name == "celebamask_hq":
+    size = int(_get(data_config, "image_size", 256))
+    r = _smallest_stored(_celebamask_hq.CelebamaskHq.BUILDER_CONFIGS, size)
+    return "celebamask_hq", _celebamask_hq.make_config(r)
+  if name.startswith("lfm_lsun/") or name == "lfm_lsun":
+    category = name.partition("/")[2] or "church_outdoor"
+    if category not in _lsun_lmdb.CATEGORIES:
+      raise DatasetNotAvailableError(
+          f"config.data.name {name!r}: unknown LSUN category; one of {_lsun_lmdb.CATEGORIES}")
+    cap = _get(data_config, "max_train_examples")
+    return "lfm_lsun", _lsun_lmdb.make_config(category, int(cap) if cap else None)
   if name == "image_folder":
     folder = _get(data_config, "image_folder")
     if not folder:
@@ -143,66 +194,48 @@ def _tfds_is_mocked() -> bool:
   return getattr(fn, "__module__", "").startswith("tensorflow_datasets.testing")
 
 
-def _base_name(builder) -> str:
-  return builder.name
-
-
-def _manual_requirements(builder, manual_dir: str) -> Optional[tuple[bool, str]]:
-  """For manual-download data sets: (files present?, what to put where). None otherwise."""
-  name = _base_name(builder)
-  if name == "celeb_a_hq":
-    fname = builder.builder_config.file_name
-    return os.path.exists(os.path.join(manual_dir, fname)), (
-        f"put {fname} (CelebA-HQ at {builder.builder_config.resolution}px, made with "
-        f"https://github.com/tkarras/progressive_growing_of_gans dataset_tool.py) in "
-        f"{manual_dir}")
-  if name == "imagenet2012":
-    files = ("ILSVRC2012_img_train.tar", "ILSVRC2012_img_val.tar")
-    return all(os.path.exists(os.path.join(manual_dir, f)) for f in files), (
-        f"put {' and '.join(files)} (from https://image-net.org/download-images, after "
-        f"registering) in {manual_dir}")
-  if name == "ffhq":
-    return bool(_ffhq.find_pngs(manual_dir)), (
-        f"put the official FFHQ PNGs (https://github.com/NVlabs/ffhq-dataset: "
-        f"`python download_ffhq.py --images` -> images1024x1024/00000/00000.png ...) in "
-        f"{manual_dir}/images1024x1024/")
-  instructions = getattr(builder, "MANUAL_DOWNLOAD_INSTRUCTIONS", None)
-  if instructions:
-    present = os.path.isdir(manual_dir) and bool(os.listdir(manual_dir))
-    return present, f"put the files in {manual_dir}: {' '.join(instructions.split())}"
-  return None
+def _full_name(builder) -> str:
+  return f"{builder.name}/{builder.builder_config.name}" if builder.builder_config else builder.name
 
 
 def ensure_prepared(builder, data_config) -> None:
   """Prepares `builder` if that needs no network; else raises DatasetNotAvailableError at once.
 
-  Never calls into tfds' download machinery for data sets that need a download (tfds would
-  retry for minutes offline) and never asks GCS for a pre-built copy.
+  Manual files are checked first (`lfm_jax.datasets.manual`): a wrong file raises
+  ManualFileError naming it before the preparation starts. Never calls into tfds' download
+  machinery for data sets that need a download (tfds would retry for minutes offline) and never
+  asks GCS for a pre-built copy.
   """
   if _tfds_is_mocked() or builder.is_prepared():
     return
-  name = _base_name(builder)
-  full = f"{name}/{builder.builder_config.name}" if builder.builder_config else name
+  name = builder.name
+  full = _full_name(builder)
   manual_dir = _manual_dir(data_config)
   offline = name in ("lfm_digits", "lfm_image_folder")
-  manual = None if offline else _manual_requirements(builder, manual_dir)
-  if manual is not None and not manual[0]:
+  manual = None if offline else _manual.manual_files(builder, manual_dir)
+  if manual is not None and not manual.present:
     raise DatasetNotAvailableError(
         f"Data set {full!r} is not prepared in {builder.data_dir} and its manual files are "
-        f"missing: {manual[1]} (config.data.manual_dir; default <data_dir>/downloads/manual). "
-        f"The first run then prepares it offline into {_data_dir(data_config)}.")
+        f"missing: {manual.instructions} (config.data.manual_dir; default "
+        f"<data_dir>/downloads/manual). The first run then prepares it offline into "
+        f"{_data_dir(data_config)}.")
   if not offline and manual is None:
     data_dir = _data_dir(data_config)
     extra = ("pip install tensorflow-io  # tfds' LSUN builder reads LMDB with it\n  "
              if name == "lsun" else "")
+    alternative = (f" Or use config.data.name = 'lfm_lsun/{builder.builder_config.name}', which "
+                   f"reads the official LMDB files from the manual dir offline."
+                   if name == "lsun" else "")
     raise DatasetNotAvailableError(
         f"Data set {full!r} is not prepared in {builder.data_dir} and lfm_jax never downloads "
-        f"inside a pipeline. On a machine with network access run\n  {extra}"
+        f"inside a pipeline.{alternative} On a machine with network access run\n  {extra}"
         f"tfds build {full} --data_dir={data_dir}\n"
         f"(or: python -c \"import tensorflow_datasets as tfds; tfds.builder('{full}', "
         f"data_dir='{data_dir}').download_and_prepare()\") and copy "
         f"{os.path.join(data_dir, name)} here; or set config.data.data_dir to where a prepared "
         f"copy lives.")
+  if manual is not None:
+    manual.check()
   logging.info("Preparing %s into %s (offline).", full, builder.data_dir)
   builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
       manual_dir=manual_dir, try_download_gcs=False))
@@ -214,37 +247,101 @@ def _prepared_builder(data_config):
   return builder
 
 
-def _split_size(builder, split: str) -> int:
+# ---------------------------------------------------------------------------------------------
+# Splits: tfds split expressions resolved to (base split, [start, end)).
+
+
+class SplitRange(NamedTuple):
+  """A split expression resolved by tfds: examples [start, end) of split `base`."""
+  base: str
+  start: int
+  end: int
+
+  @property
+  def size(self) -> int:
+    return self.end - self.start
+
+
+def _base_sizes(builder, names) -> dict[str, Any]:
+  """{split name: SplitInfo-like (num_examples, shard_lengths)} for the named base splits."""
   splits = builder.info.splits
-  if split in splits:
-    return int(splits[split].num_examples)
-  if not splits:  # split sizes unknown (e.g. under tfds.testing.mock_data): count.
-    card = int(builder.as_dataset(split=split).cardinality())
-    if card >= 0:
-      return card
-  raise ValueError(f"{builder.name} has no split {split!r}; splits: {list(splits)}")
+  if splits:
+    missing = [n for n in names if n not in splits]
+    if missing:
+      raise ValueError(f"{_full_name(builder)} has no split {missing[0]!r}; splits: "
+                       f"{sorted(splits)}")
+    return {n: splits[n] for n in names}
+  # Split sizes unknown (tfds.testing.mock_data): count.
+  sizes = {}
+  for n in names:
+    card = int(builder.as_dataset(split=n).cardinality())
+    if card < 0:
+      card = sum(1 for _ in builder.as_dataset(split=n))
+    sizes[n] = types.SimpleNamespace(num_examples=card, shard_lengths=[card])
+  return sizes
 
 
-def _first_by_source_key(builder, split: str, count: int) -> np.ndarray:
-  """Sorted split indices of the `count` examples with the smallest `id` text feature.
+def _one_line(e: BaseException) -> str:
+  return " ".join(str(e).split())
+
+
+def _split_range(builder, split: str) -> SplitRange:
+  full = _full_name(builder)
+  if not isinstance(split, str) or not split.strip():
+    raise ValueError(f"split of {full} must be a split expression such as 'train[:90%]', "
+                     f"got {split!r}")
+  names = [part.split("[")[0].strip() for part in split.split("+")]
+  if len(names) > 1 or names[0] == "all":
+    raise ValueError(f"split {split!r} of {full} combines several splits; lfm_jax reads one "
+                     f"split (ids are indices in it), e.g. 'train[:90%]'")
+  try:
+    instruction = tfds.core.ReadInstruction.from_spec(split)
+  except (ValueError, NotImplementedError) as e:
+    raise ValueError(f"split {split!r} of {full} is not a tfds split expression: "
+                     f"{_one_line(e)}") from e
+  sizes = _base_sizes(builder, names)
+  try:
+    (absolute,) = instruction.to_absolute(sizes)
+  except ValueError as e:
+    raise ValueError(f"split {split!r} of {full}: {_one_line(e)}") from e
+  total = int(sizes[absolute.splitname].num_examples)
+  start = int(absolute.from_ or 0)
+  end = total if absolute.to is None else int(absolute.to)
+  if end <= start:
+    raise ValueError(f"split {split!r} of {full} selects no examples ({total} in "
+                     f"{absolute.splitname!r})")
+  return SplitRange(absolute.splitname, start, end)
+
+
+def split_range(data_config, split: str) -> SplitRange:
+  """(base split, start, end) of a split expression of config.data's data set (prepares it)."""
+  return _split_range(_prepared_builder(data_config), split)
+
+
+def _first_by_source_key(builder, rng: SplitRange, count: int) -> np.ndarray:
+  """Sorted base-split indices of the `count` examples of `rng` with the smallest `id` text.
 
   tfds stores LSUN in hashed-key order; the LMDB (and torchvision) order is the order of the
-  LMDB keys, which tfds keeps in the `id` feature. Needs one pass over the split's ids (images
-  are not decoded); the result is cached next to the prepared data when that is writable.
+  LMDB keys, which tfds keeps in the `id` feature. Needs one pass over the selection's ids
+  (images are not decoded); the result is cached next to the prepared data when writable.
   """
-  cache = os.path.join(builder.data_dir, f"lfm_jax_first_{split}_{count}.npy")
+  cache = os.path.join(builder.data_dir,
+                       f"lfm_jax_first_{rng.base}_{rng.start}_{rng.end}_{count}.npy")
   try:
     if tf.io.gfile.exists(cache):
       with tf.io.gfile.GFile(cache, "rb") as f:
         return np.load(f)
   except (OSError, tf.errors.OpError):
     pass
+  mocked = _tfds_is_mocked()
   ds = builder.as_dataset(
-      split=split, shuffle_files=False,
+      split=rng.base if mocked else f"{rng.base}[{rng.start}:{rng.end}]", shuffle_files=False,
       decoders=tfds.decode.PartialDecoding({"id": True}),
       read_config=tfds.ReadConfig(interleave_cycle_length=1, try_autocache=False))
+  if mocked:
+    ds = ds.skip(rng.start).take(rng.size)
   keys = np.concatenate(list(tfds.as_numpy(ds.map(lambda ex: ex["id"]).batch(65536))))
-  chosen = np.sort(np.argsort(keys, kind="stable")[:count]).astype(np.int64)
+  chosen = np.sort(np.argsort(keys, kind="stable")[:count]).astype(np.int64) + rng.start
   try:
     tmp = f"{cache}.tmp{os.getpid()}"
     with tf.io.gfile.GFile(tmp, "wb") as f:
@@ -255,29 +352,26 @@ def _first_by_source_key(builder, split: str, count: int) -> np.ndarray:
   return chosen
 
 
-def _selection(builder, data_config, split: str) -> tuple[int, Optional[np.ndarray]]:
-  """(size of the split as stored, indices the pipeline may read or None for all).
+def _selection(builder, data_config, split: str) -> tuple[SplitRange, Optional[np.ndarray]]:
+  """(the resolved split, base-split ids the pipeline may read, or None for all of them).
 
-  data.max_train_examples keeps the first N of the train split: the first N stored examples,
-  except for LSUN where "first" is the LMDB key order (the order LFM's loader reads).
+  data.max_train_examples keeps the first N of data.train_split's selection: the first N stored
+  examples, except for tfds' LSUN where "first" is the LMDB key order (the order LFM reads).
   """
-  n = _split_size(builder, split)
+  rng = _split_range(builder, split)
   cap = _get(data_config, "max_train_examples")
-  if not cap or split != _get(data_config, "train_split", "train") or int(cap) >= n:
-    return n, None
+  if not cap or split != _get(data_config, "train_split", "train") or int(cap) >= rng.size:
+    return rng, None
   if builder.name == "lsun":
-    return n, _first_by_source_key(builder, split, int(cap))
-  return n, np.arange(int(cap), dtype=np.int64)
+    return rng, _first_by_source_key(builder, rng, int(cap))
+  return rng, np.arange(rng.start, rng.start + int(cap), dtype=np.int64)
 
 
 def num_examples(data_config, split: str, builder=None) -> int:
-  """Examples in `split` (train split capped at data.max_train_examples: the first N)."""
+  """Examples in `split` (a split expression; data.train_split capped at max_train_examples)."""
   builder = builder or _prepared_builder(data_config)
-  n = _split_size(builder, split)
-  cap = _get(data_config, "max_train_examples")
-  if cap and split == _get(data_config, "train_split", "train"):
-    n = min(n, int(cap))
-  return n
+  rng, allowed = _selection(builder, data_config, split)
+  return rng.size if allowed is None else int(allowed.size)
 
 
 def _num_classes(builder) -> int:
@@ -286,6 +380,12 @@ def _num_classes(builder) -> int:
   if isinstance(label, tfds.features.ClassLabel):
     return int(label.num_classes)
   return 0
+
+
+def segmentation_classes(data_config) -> int:
+  """Classes of the data set's label maps (19 for celebamask_hq); 0 when it has none."""
+  name = _get(data_config, "name")
+  return _celebamask_hq.NUM_CLASSES if name == "celebamask_hq" else 0
 
 
 def dataset_info(data_config) -> tuple[int, int, tuple[int, int, int]]:
@@ -360,6 +460,94 @@ def preprocess_image(image, *, image_size: int, channels: int, crop: str = "none
   return tf.clip_by_value(image / 127.5 - 1.0, -1.0, 1.0)
 
 
+def preprocess_segmentation(segmentation, *, image_size: int, crop: str = "none"):
+  """uint8 (H, W, 1) class ids -> int32 (S, S), nearest (the geometry of `preprocess_image`)."""
+  if crop not in _CROPS:
+    raise ValueError(f"config.data.crop must be one of {_CROPS}, got {crop!r}")
+  if crop == "adm":
+    raise ValueError("config.data.crop = 'adm' is not defined for segmentation maps; use "
+                     "'none' or 'center'")
+  size = int(image_size)
+  if crop == "none":
+    seg = tf.image.resize(segmentation, [size, size], method="nearest")
+  else:
+    seg = _center_crop(_resize_shorter_nearest(segmentation, size), size)
+  return tf.cast(tf.ensure_shape(tf.reshape(seg, [size, size]), [size, size]), tf.int32)
+
+
+def _resize_shorter_nearest(image, size: int):
+  h = tf.cast(tf.shape(image)[0], tf.float64)
+  w = tf.cast(tf.shape(image)[1], tf.float64)
+  scale = size / tf.minimum(h, w)
+  nh = tf.maximum(tf.cast(tf.round(h * scale), tf.int32), size)
+  nw = tf.maximum(tf.cast(tf.round(w * scale), tf.int32), size)
+  return tf.image.resize(image, tf.stack([nh, nw]), method="nearest")
+
+
+# ---------------------------------------------------------------------------------------------
+# Inpainting masks in the pipeline (lfm_jax/masks.py).
+
+
+def _task(data_config) -> str:
+  task = _get(data_config, "task", "generation")
+  if task not in TASKS:
+    raise ValueError(f"config.data.task must be one of {TASKS}, got {task!r}")
+  return task
+
+
+def _mask_fn(data_config, size: int, ids_needed: Optional[np.ndarray]):
+  """(id int64, epoch int64) -> float32 (S, S) mask tensor, per data.mask_* (checked here)."""
+  kind = _get(data_config, "mask_kind", "lfm")
+  if kind not in MASK_KINDS:
+    raise ValueError(f"config.data.mask_kind must be one of {MASK_KINDS}, got {kind!r}")
+  white = _get(data_config, "mask_white", "known")
+  if white not in ("known", "hole"):
+    raise ValueError(f"config.data.mask_white must be 'known' or 'hole', got {white!r}")
+  if kind == "lfm":
+    mask_seed = int(_get(data_config, "mask_seed", 0))
+    per_epoch = bool(_get(data_config, "mask_per_epoch", False))
+
+    def draw(i, e):
+      return _masks.inpainting_mask(mask_seed, int(i), size, int(e) if per_epoch else None)
+
+    def fn(i, e):
+      m = tf.numpy_function(draw, [i, e], tf.float32, stateful=False)
+      return tf.ensure_shape(m, [size, size])
+    return fn
+  if kind == "center":
+    const = tf.constant(_masks.center_mask(size))
+    return lambda i, e: const
+  path = _get(data_config, "mask_path")
+  if not path:
+    raise ValueError(f"config.data.mask_kind = {kind!r} needs config.data.mask_path")
+  if kind == "file":
+    const = tf.constant(_masks.read_mask_file(path, size, white))
+    return lambda i, e: const
+  # "dir": <mask_path>/<id:06d>.png for every id read; checked now, read by tf.data.
+  from etils import epath  # pylint: disable=g-import-not-at-top
+
+  folder = epath.Path(path)
+  if not folder.is_dir():
+    raise ValueError(f"config.data.mask_path {path} is not a folder (data.mask_kind = 'dir')")
+  present = {p.name for p in folder.iterdir()}
+  if ids_needed is not None and ids_needed.size:
+    missing = [int(i) for i in ids_needed if f"{int(i):06d}.png" not in present]
+    if missing:
+      raise ValueError(f"mask folder {path} has no {missing[0]:06d}.png ({len(missing)} of the "
+                       f"{ids_needed.size} ids read have no mask file)")
+    _masks.read_mask_file(folder / f"{int(ids_needed[0]):06d}.png", size, white)
+  prefix = os.fspath(folder).rstrip("/") + "/"
+
+  def from_file(i, e):
+    del e
+    name = tf.strings.join([prefix, tf.strings.as_string(i, width=6, fill="0"), ".png"])
+    grey = tf.io.decode_png(tf.io.read_file(name), channels=1)
+    grey = tf.ensure_shape(tf.reshape(grey, [size, size]), [size, size])
+    white_px = grey >= 128
+    return tf.cast(white_px if white == "known" else tf.logical_not(white_px), tf.float32)
+  return from_file
+
+
 # ---------------------------------------------------------------------------------------------
 # Per-host split and the tf.data pipeline.
 
@@ -394,19 +582,21 @@ def create_dataset(data_config, split: str, *, batch_size: int, shuffle: bool, s
                    process_index: Optional[int] = None, process_count: Optional[int] = None,
                    ids: Optional[Sequence[int]] = None, augment: Optional[bool] = None,
                    start_batch: int = 0) -> tf.data.Dataset:
-  """Batched {"image", "label", "id"} for this host (see the module docstring).
+  """Batched {"image", "label", "id"[, "segmentation"][, "mask"]} for this host.
+
+  See the module docstring for the keys, shapes and conventions.
 
   Args:
     data_config: config.data.
-    split: a split name ("train", "test", "validation", ...).
+    split: a tfds split expression of one split ("train", "train[:90%]", "train[27000:]").
     batch_size: GLOBAL batch size; this host yields batch_size // process_count rows.
     shuffle: shuffle (deterministically from `seed`, a new order every epoch).
     seed: shuffling and flip seed.
     repeat: repeat forever (epochs follow each other; batches may straddle them).
     drop_remainder: drop a final partial batch (only matters when repeat is False).
     process_index, process_count: this host and the host count (default: jax's).
-    ids: optional example ids (indices in the split) to read; the others are never decoded,
-      and the hosts split the kept ids evenly.
+    ids: optional example ids (indices in the BASE split, inside the selection) to read; the
+      others are never decoded, and the hosts split the kept ids evenly.
     augment: apply data.random_flip; default: `shuffle` (training pipelines).
     start_batch: skip this many batches of this host's stream (exact resume); costs reading at
       most one epoch of (undecoded) records.
@@ -416,48 +606,77 @@ def create_dataset(data_config, split: str, *, batch_size: int, shuffle: bool, s
     raise ValueError(f"global batch_size {batch_size} is not divisible by the "
                      f"{process_count} processes")
   host_batch = batch_size // process_count
+  task = _task(data_config)
   builder = _prepared_builder(data_config)
-  n, allowed = _selection(builder, data_config, split)
+  rng, allowed = _selection(builder, data_config, split)
   if ids is None and allowed is not None:
     ids = allowed
 
   if ids is None:
-    lo, hi = host_range(n, process_index, process_count)
-    mask = None
+    a, b = host_range(rng.size, process_index, process_count)
+    lo, hi = rng.start + a, rng.start + b
+    keep = None
     host_n = hi - lo
+    host_ids = None
   else:
     kept = np.unique(np.asarray(ids, dtype=np.int64))
-    if kept.size and (kept[0] < 0 or kept[-1] >= n):
-      raise ValueError(f"ids must lie in [0, {n}) for split {split!r}")
+    if kept.size and (kept[0] < rng.start or kept[-1] >= rng.end):
+      raise ValueError(f"ids must lie in [{rng.start}, {rng.end}) (split {split!r} of "
+                       f"{_full_name(builder)}: ids are indices in {rng.base!r})")
     if allowed is not None and not np.all(np.isin(kept, allowed)):
       raise ValueError("ids outside the first data.max_train_examples examples of the split")
     a, b = host_range(kept.size, process_index, process_count)
     host_ids = kept[a:b]
     host_n = int(host_ids.size)
     lo, hi = (int(host_ids[0]), int(host_ids[-1]) + 1) if host_n else (0, 0)
-    mask = np.zeros(hi - lo, bool)
-    mask[host_ids - lo] = True
+    keep = np.zeros(hi - lo, bool)
+    keep[host_ids - lo] = True
   if host_n == 0:
     raise ValueError(f"process {process_index} of {process_count} has no examples of split "
-                     f"{split!r} ({n} examples, {None if ids is None else len(ids)} ids)")
+                     f"{split!r} ({rng.size} examples, {None if ids is None else len(ids)} ids)")
 
-  image_feature = builder.info.features["image"]
-  has_label = "label" in builder.info.features.keys()
+  features = builder.info.features
+  image_feature = features["image"]
+  has_label = "label" in features.keys()
+  seg_feature = features["segmentation"] if "segmentation" in features.keys() else None
+  if task == "semantic" and seg_feature is None:
+    raise ValueError(f"config.data.task = 'semantic' needs label maps, but "
+                     f"{_full_name(builder)} has no 'segmentation' feature")
+  size = int(_get(data_config, "image_size", 16))
+  channels = int(_get(data_config, "channels", 3))
+  crop = _get(data_config, "crop", "none")
+  if seg_feature is not None and crop == "adm":
+    raise ValueError("config.data.crop = 'adm' is not defined for segmentation maps; use "
+                     "'none' or 'center'")
+  mask_fn = None
+  if task == "inpainting":
+    needed = host_ids if host_ids is not None else np.arange(lo, hi, dtype=np.int64)
+    mask_fn = _mask_fn(data_config, size, needed)
+
+  decoders = {"image": tfds.decode.SkipDecoding()}
+  if seg_feature is not None:
+    decoders["segmentation"] = tfds.decode.SkipDecoding()
   mocked = _tfds_is_mocked()  # tfds' mocks ignore split slices: slice by skip/take instead.
   ds = builder.as_dataset(
-      split=split if mocked else f"{split}[{lo}:{hi}]", shuffle_files=False,
-      decoders={"image": tfds.decode.SkipDecoding()},
+      split=rng.base if mocked else f"{rng.base}[{lo}:{hi}]", shuffle_files=False,
+      decoders=decoders,
       read_config=tfds.ReadConfig(interleave_cycle_length=1, try_autocache=False))
   if mocked:
     ds = ds.skip(lo).take(hi - lo)
   ds = ds.enumerate(start=lo)
-  ds = ds.map(lambda i, ex: {
-      "image": ex["image"],
-      "label": tf.cast(ex["label"], tf.int32) if has_label else tf.constant(0, tf.int32),
-      "id": tf.cast(i, tf.int64)})
-  if mask is not None:
-    mask_t = tf.constant(mask)
-    ds = ds.filter(lambda ex: tf.gather(mask_t, ex["id"] - lo))
+
+  def select(i, ex):
+    out = {"image": ex["image"],
+           "label": tf.cast(ex["label"], tf.int32) if has_label else tf.constant(0, tf.int32),
+           "id": tf.cast(i, tf.int64)}
+    if seg_feature is not None:
+      out["segmentation"] = ex["segmentation"]
+    return out
+
+  ds = ds.map(select)
+  if keep is not None:
+    keep_t = tf.constant(keep)
+    ds = ds.filter(lambda ex: tf.gather(keep_t, ex["id"] - lo))
   base = ds
 
   position = int(start_batch) * host_batch  # examples of this host's stream already consumed
@@ -477,22 +696,36 @@ def create_dataset(data_config, split: str, *, batch_size: int, shuffle: bool, s
 
   ds = tf.data.Dataset.range(first_epoch, last_epoch).flat_map(one_epoch).skip(offset)
 
-  size = int(_get(data_config, "image_size", 16))
-  channels = int(_get(data_config, "channels", 3))
-  crop = _get(data_config, "crop", "none")
   flip = bool(_get(data_config, "random_flip", False)) and (
       shuffle if augment is None else augment)
   flip_seed = tf.constant([seed, 0x5EED], tf.int64)
+  flip_classes = (tf.constant(_celebamask_hq.FLIP_PERMUTATION, tf.int32)
+                  if builder.name == "celebamask_hq" else None)
 
   def prepare(ex):
     image = image_feature.decode_example(ex["image"])
     image = preprocess_image(image, image_size=size, channels=channels, crop=crop)
+    out = {"label": ex["label"], "id": ex["id"]}
+    seg = None
+    if seg_feature is not None:
+      seg = preprocess_segmentation(seg_feature.decode_example(ex["segmentation"]),
+                                    image_size=size, crop=crop)
     if flip:
       key = tf.random.experimental.stateless_fold_in(
           tf.random.experimental.stateless_fold_in(flip_seed, ex["epoch"]), ex["id"])
-      image = tf.cond(tf.random.stateless_uniform([], seed=key) < 0.5,
-                      lambda: image[:, ::-1, :], lambda: image)
-    return {"image": image, "label": ex["label"], "id": ex["id"]}
+      mirrored = tf.random.stateless_uniform([], seed=key) < 0.5
+      image = tf.cond(mirrored, lambda: image[:, ::-1, :], lambda: image)
+      if seg is not None:
+        flipped = seg[:, ::-1]
+        if flip_classes is not None:
+          flipped = tf.gather(flip_classes, flipped)
+        seg = tf.cond(mirrored, lambda: flipped, lambda: seg)
+    out["image"] = image
+    if seg is not None:
+      out["segmentation"] = seg
+    if mask_fn is not None:
+      out["mask"] = mask_fn(ex["id"], ex["epoch"])
+    return out
 
   ds = ds.map(prepare, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
   ds = ds.batch(host_batch, drop_remainder=drop_remainder)

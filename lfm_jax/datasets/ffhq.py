@@ -6,7 +6,8 @@ in the manual dir; any folder holding the 70,000 numbered PNGs (flat or in the 1
 sub-folders, at 1024 or already at the target resolution) works. Images whose size differs from
 the config's resolution are resized with Pillow's Lanczos filter (the filter the usual FFHQ-256
 preparations use). One split, `train`, in file-name order: `id` = index = the FFHQ image number
-when all 70,000 are present.
+when all 70,000 are present (NVAE's and LFM's split is `train[:90%]` = the first 63,000).
+A PNG that is not square or not readable stops the preparation with an error naming it.
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ import os
 
 import numpy as np
 import tensorflow_datasets as tfds
+
+from lfm_jax.datasets import manual
 
 NUM_IMAGES = 70_000
 
@@ -33,6 +36,21 @@ def find_pngs(manual_dir: str) -> list[str]:
     dirnames[:] = [d for d in dirnames if not d.startswith(".")]
     found += [os.path.join(dirpath, f) for f in filenames if f.lower().endswith(".png")]
   return sorted(found, key=lambda p: (os.path.basename(p), p))
+
+
+def manual_files(manual_dir) -> manual.ManualFiles:
+  """The PNG tree under manual_dir: present?, instructions, check of the first PNG."""
+  files = find_pngs(str(manual_dir))
+
+  def check():
+    with open(files[0], "rb") as f:
+      manual.check_image_bytes(f.read(), files[0], square=True)
+
+  return manual.ManualFiles(
+      bool(files),
+      f"put the official FFHQ PNGs (https://github.com/NVlabs/ffhq-dataset: "
+      f"`python download_ffhq.py --images` -> images1024x1024/00000/00000.png ...) in "
+      f"{manual_dir}/images1024x1024/", check)
 
 
 class FfhqConfig(tfds.core.BuilderConfig):
@@ -81,9 +99,16 @@ class Ffhq(tfds.core.GeneratorBasedBuilder):
 
     r = self.builder_config.resolution
     for i, path in enumerate(files):
-      with Image.open(path) as im:
-        im = im.convert("RGB")
-        if im.size != (r, r):
-          im = im.resize((r, r), Image.LANCZOS)
-        image = np.asarray(im)
+      try:
+        with Image.open(path) as im:
+          im = im.convert("RGB")
+      except Exception as e:  # pylint: disable=broad-except  (PIL raises many types)
+        raise manual.ManualFileError(
+            f"{path} is not a readable image ({type(e).__name__}: {e})") from e
+      if im.size[0] != im.size[1]:
+        raise manual.ManualFileError(
+            f"{path} is {im.size[0]}x{im.size[1]}; FFHQ images are square")
+      if im.size != (r, r):
+        im = im.resize((r, r), Image.LANCZOS)
+      image = np.asarray(im)
       yield i, {"image": image, "id": i, "image/filename": os.path.basename(path)}
