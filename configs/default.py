@@ -35,6 +35,14 @@ def get_config():
   data.random_flip = False
   data.num_classes = 10  # 0 for unconditional data
   data.shuffle_buffer = 10_000
+  # generation | inpainting (batches carry "mask": (S, S) float32, 1 = known, 0 = hole) |
+  # semantic (batches carry "segmentation": (S, S) int32 class ids; data set celebamask_hq).
+  data.task = "generation"
+  data.mask_kind = "lfm"  # inpainting masks: lfm (LFM's strokes/boxes from (mask_seed, id)) | center | file | dir
+  data.mask_seed = 0  # seed of the lfm masks (independent of config.seed)
+  data.mask_per_epoch = False  # True: a new lfm mask each epoch (LFM's loader redraws on every read)
+  data.mask_path = placeholder(str)  # file: one PNG for every example; dir: a folder of <id:06d>.png
+  data.mask_white = "known"  # what white means in mask PNGs: known (LFM's eval masks) | hole
   # Train on a scored, pruned subset (lfm_jax/scoring.py). ratio = fraction REMOVED.
   data.subset = ml_collections.ConfigDict()
   data.subset.scores = placeholder(str)  # path to a scores file written by the `score` mode
