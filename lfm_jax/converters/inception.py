@@ -147,8 +147,7 @@ def load_inception_with_logits(path: str):
   lacks `fc.weight` / `fc.bias`.
   """
   path = os.fspath(path)
-  from etils import epath  # pylint: disable=g-import-not-at-top
-  if not epath.Path(path).is_file():
+  if not storage.path(path).is_file():
     load_inception(path)  # raises FileNotFoundError saying where to get the file
   state_dict = torch_load(path)
   if isinstance(state_dict, Mapping) and isinstance(state_dict.get("state_dict"), Mapping):

@@ -7,7 +7,8 @@ patches that FID depends on:
   average pool that does NOT count the zero padding (TF semantics, `count_include_pad=False`);
 - the last InceptionE block ("Mixed_7c") uses a 3x3 stride-1 *max* pool in its pool branch;
 - BatchNorm has eps 1e-3 and always runs in inference mode (running statistics);
-- the output is pool3: the global average of Mixed_7c, 2048-d. The 1008-way `fc` is not built.
+- the output is pool3: the global average of Mixed_7c, 2048-d. The 1008-way `fc` (the graph's
+  logits, for the Inception Score) is built only with `with_logits=True`.
 
 Input convention (torch-fidelity's, the parity reference): `InceptionV3.__call__` takes float
 NHWC images with pixel values in [0, 255] ("uint8-like"; FID protocols quantise to uint8 first,
@@ -31,6 +32,7 @@ import numpy as np
 
 INPUT_SIZE = 299
 FEATURE_DIM = 2048
+LOGITS_DIM = 1008  # the TF graph's classifier: 1000 ImageNet classes + 8 unused
 
 _Pad = Tuple[Tuple[int, int], Tuple[int, int]]
 
@@ -198,16 +200,37 @@ class InceptionE(nn.Module):
     return jnp.concatenate([b1, b3, bd, bp], axis=-1)
 
 
+class Logits(nn.Module):
+  """The graph's 1008-way classifier on pool3: (B, 2048) -> (x @ kernel, x @ kernel + bias).
+
+  float32 at the highest matmul precision (the Inception Score exponentiates these logits).
+  """
+
+  num_classes: int = LOGITS_DIM
+
+  @nn.compact
+  def __call__(self, x):
+    kernel = self.param("kernel", nn.initializers.lecun_normal(), (x.shape[-1], self.num_classes))
+    bias = self.param("bias", nn.initializers.zeros, (self.num_classes,))
+    unbiased = jnp.matmul(x.astype(jnp.float32), kernel, precision="highest")
+    return unbiased, unbiased + bias
+
+
 class InceptionV3(nn.Module):
   """FID InceptionV3: (B, H, W, 3) pixels in [0, 255] -> (B, 2048) pool3 features.
 
   Attributes:
     resize_input: resize to 299x299 with TF1 bilinear resizing first (exact no-op at 299).
     normalize_input: apply (x - 128) / 128; set False to feed already-normalised inputs.
+    with_logits: also build the 1008-way `fc` (params `fc/kernel` (2048, 1008), `fc/bias`) and
+      return a dict {"pool3": (B, 2048), "logits_unbiased": (B, 1008) = pool3 @ kernel,
+      "logits": (B, 1008) = that + bias}, float32. torch-fidelity's Inception Score uses
+      "logits_unbiased". With False (the default) the variables and output are pool3 only.
   """
 
   resize_input: bool = True
   normalize_input: bool = True
+  with_logits: bool = False
 
   @nn.compact
   def __call__(self, x):
@@ -236,6 +259,10 @@ class InceptionV3(nn.Module):
     x = InceptionD(name="Mixed_7a")(x)
     x = InceptionE("avg", name="Mixed_7b")(x)
     x = InceptionE("max", name="Mixed_7c")(x)
+    if self.with_logits:
+      pool3 = jnp.mean(x.astype(jnp.float32), axis=(1, 2))
+      logits_unbiased, logits = Logits(name="fc")(pool3)
+      return {"pool3": pool3, "logits_unbiased": logits_unbiased, "logits": logits}
     return jnp.mean(x, axis=(1, 2))
 
 
@@ -257,4 +284,4 @@ def variable_shapes(module: InceptionV3 = None) -> dict:
 
 __all__: Sequence[str] = (
     "InceptionV3", "resize_bilinear_tf1", "images_to_uint8_range", "init_variables",
-    "variable_shapes", "INPUT_SIZE", "FEATURE_DIM")
+    "variable_shapes", "INPUT_SIZE", "FEATURE_DIM", "Logits", "LOGITS_DIM")
