@@ -258,6 +258,14 @@ def test_manual_checks_name_the_bad_member(tmp_path):
     tar.addfile(info, io.BytesIO(b"hello"))
   with pytest.raises(manual.ManualFileError, match="non-image member.*README.txt"):
     manual.check_celeb_a_hq_tar(epath_of(path), 64)
+  manual_data.write_celeb_a_hq_tar(str(m), 64, 5)
+  with tarfile.open(path, "a") as tar:  # a sixth image at another size, past the decoded three
+    data = manual_data.encode(manual_data.picture(5, 32), "PNG")
+    info = tarfile.TarInfo("data64x64/00005.png")
+    info.size = len(data)
+    tar.addfile(info, io.BytesIO(data))
+  with pytest.raises(manual.ManualFileError, match=r"data64x64/00005.png is 32x32, expected 64x64"):
+    manual.check_celeb_a_hq_tar(epath_of(path), 64)
   manual_data.write_imagenet(str(m), synset_indices=(0,), per_synset=1, num_val=1)
   with tarfile.open(m / "ILSVRC2012_img_train.tar", "a") as tar:
     info = tarfile.TarInfo("n99999999.tar")
