@@ -88,6 +88,7 @@ def flow_matching_loss(
     class_dropout_prob: float = 0.0,
     null_label: Optional[int] = None,
     per_sample: bool = False,
+    time_range: Optional[tuple[float, float]] = None,
 ) -> tuple[jax.Array, dict[str, Any]]:
   """LFM's flow-matching loss: mean((v(t, z_t, y) - u)^2) over all elements.
 
@@ -99,11 +100,15 @@ def flow_matching_loss(
     class_dropout_prob: probability of replacing a label by null_label (CFG training).
     null_label: the null class index (num_classes); needed when class_dropout_prob > 0.
     per_sample: if True the loss returned has shape (B,) (for sample scoring), else it is scalar.
+    time_range: optional (t_lo, t_hi): times drawn by `time_sampling` on [0, 1] are mapped to
+      t_lo + (t_hi - t_lo) t (e.g. a band next to the coarse-to-fine switch, lfm_jax/seam.py).
   Returns:
     (loss, aux) with aux = {"t": t, "per_sample": (B,) losses}.
   """
   rng_t, rng_noise, rng_drop = jax.random.split(rng, 3)
   t = sample_time(rng_t, z0.shape[0], time_sampling)
+  if time_range is not None:
+    t = time_range[0] + (time_range[1] - time_range[0]) * t
   noise = jax.random.normal(rng_noise, z0.shape, z0.dtype)
   if labels is not None and class_dropout_prob > 0.0:
     if null_label is None:
