@@ -33,7 +33,8 @@ def _load_fidelity_module(name):
     sys.modules["torch_fidelity"] = pkg
   full = f"torch_fidelity.{name}"
   if full not in sys.modules:
-    mspec = importlib.util.spec_from_file_location(full, os.path.join(pkg.__path__[0], f"{name}.py"))
+    mspec = importlib.util.spec_from_file_location(
+        full, os.path.join(pkg.__path__[0], f"{name}.py"))
     mod = importlib.util.module_from_spec(mspec)
     sys.modules[full] = mod
     mspec.loader.exec_module(mod)
@@ -163,7 +164,8 @@ def torch_fid_inception():
     x = (x - 128) / 128
     for name in ["Conv2d_1a_3x3", "Conv2d_2a_3x3", "Conv2d_2b_3x3", "MaxPool_1", "Conv2d_3b_1x1",
                  "Conv2d_4a_3x3", "MaxPool_2", "Mixed_5b", "Mixed_5c", "Mixed_5d", "Mixed_6a",
-                 "Mixed_6b", "Mixed_6c", "Mixed_6d", "Mixed_6e", "Mixed_7a", "Mixed_7b", "Mixed_7c"]:
+                 "Mixed_6b", "Mixed_6c", "Mixed_6d", "Mixed_6e", "Mixed_7a", "Mixed_7b",
+                 "Mixed_7c"]:
       x = getattr(model, name)(x)
     g = torch.Generator().manual_seed(4)
     for bn in bns:

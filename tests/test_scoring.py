@@ -279,7 +279,8 @@ def test_gradient_chunks_bound_compiled_memory():
   ts, ms = jnp.asarray([0.5], jnp.float32), jnp.asarray([0], jnp.int32)
 
   def temp_bytes(chunk):
-    fn = scoring._make_grad_batch_fn(vfn, 1, 1, flow.SIGMA_MIN, chunk)  # pylint: disable=protected-access
+    fn = scoring._make_grad_batch_fn(  # pylint: disable=protected-access
+        vfn, 1, 1, flow.SIGMA_MIN, chunk)
     return jax.jit(fn).lower(params, z, None, bank, ts, ms).compile().memory_analysis(
         ).temp_size_in_bytes
 

@@ -21,7 +21,7 @@ permutation above would, so batches, shards and hosts combine exactly (`merge`,
 the N-entry index permutation and an N-entry "seen" mask; no per-sample probabilities are kept.
 """
 
-from typing import Optional, Tuple
+from typing import Tuple
 
 import numpy as np
 
@@ -119,7 +119,7 @@ class InceptionScoreStats:
                        "(num_samples, splits, shuffle, seed, num_classes)")
 
   def add(self, logits, indices) -> "InceptionScoreStats":
-    """Adds a batch: logits (B, classes), indices (B,) distinct global sample indices. Returns self."""
+    """Adds a batch: logits (B, classes) and their distinct global indices (B,). Returns self."""
     log_p = _log_softmax64(logits)
     idx = np.asarray(indices, np.int64).reshape(-1)
     if log_p.shape != (idx.shape[0], self.num_classes):
