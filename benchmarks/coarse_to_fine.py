@@ -104,16 +104,16 @@ def main(argv=None):
 
   counter = C.CompileCounter.install()
   if args.heavy_workdir:  # trained models: same-seed similarity means something
-    from lfm_jax import stages  # pylint: disable=g-import-not-at-top
-    hm = stages.load_flow_model(stages.load_workdir_config(args.heavy_workdir), args.heavy_workdir)
-    lm = stages.load_flow_model(stages.load_workdir_config(args.light_workdir), args.light_workdir)
+    from lfm_jax import artifacts, generate  # pylint: disable=g-import-not-at-top
+    hm = artifacts.load_flow_model(args.heavy_workdir)
+    lm = artifacts.load_flow_model(args.light_workdir)
     shape = hm.latent_shape
     labels = (jnp.arange(args.batch_size, dtype=jnp.int32) % hm.num_classes
               if hm.num_classes else None)
     heavy, light = hm.module, lm.module
-    heavy_v = stages.velocity_fn_for(heavy, hm.num_classes, args.guidance_scale)
-    light_v = stages.velocity_fn_for(light, lm.num_classes, args.guidance_scale)
-    heavy_params, light_params = (hm.params, labels), (lm.params, labels)
+    heavy_v = generate.GuidedVelocity(heavy, hm.num_classes, args.guidance_scale)
+    light_v = generate.GuidedVelocity(light, lm.num_classes, args.guidance_scale)
+    heavy_params, light_params = (hm.params, labels, None), (lm.params, labels, None)
     fl_heavy = forward_flops(heavy, hm.params, shape, args.batch_size)
     fl_light = forward_flops(light, lm.params, shape, args.batch_size)
   else:  # random weights: timing only

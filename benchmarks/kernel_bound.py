@@ -34,7 +34,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from jax.extend import core as jcore  # noqa: E402
 
-from lfm_jax import models, parallel, train, train_utils  # noqa: E402
+from lfm_jax import models, optim, parallel, train  # noqa: E402
 import train_step as TS  # noqa: E402
 
 _KERNELS = ("conv_general_dilated", "dot_general")
@@ -87,7 +87,7 @@ def main(argv=None):
   config, shape, batch_size = TS.bench_config(args.bench, args.quick)
   model = models.create_model(config.model, shape)
   mesh = parallel.create_mesh(1)
-  tx, schedule = train_utils.create_optimizer(config.train)
+  tx, schedule = optim.create_optimizer(config.train)
   state = train.create_train_state(jax.random.PRNGKey(0), model, config, shape, tx=tx, mesh=mesh)
   raw_step = train.make_train_step(model, config, tx, schedule, mesh=mesh)
   batch = {"latent": jnp.zeros((batch_size,) + tuple(shape), jnp.float32)}

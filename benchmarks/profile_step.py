@@ -37,7 +37,7 @@ import train_step as ts  # noqa: E402
 from lfm_jax import models  # noqa: E402
 from lfm_jax import parallel  # noqa: E402
 from lfm_jax import train  # noqa: E402
-from lfm_jax import train_utils  # noqa: E402
+from lfm_jax import optim  # noqa: E402
 
 
 def _categorise(name: str, line: str, body: str) -> str:
@@ -74,7 +74,7 @@ def main(argv=None):
   if args.small_map_threshold is not None:
     model = model.clone(small_map_threshold=args.small_map_threshold)
   mesh = parallel.create_mesh()
-  tx, schedule = train_utils.create_optimizer(config.train)
+  tx, schedule = optim.create_optimizer(config.train)
   state = train.create_train_state(jax.random.PRNGKey(0), model, config, shape, tx=tx, mesh=mesh)
   step = train.jit_train_step(train.make_train_step(model, config, tx, schedule, mesh=mesh), mesh)
   batch = parallel.host_local_to_global(

@@ -46,7 +46,7 @@ import numpy as np  # noqa: E402
 from lfm_jax import models  # noqa: E402
 from lfm_jax import parallel  # noqa: E402
 from lfm_jax import train  # noqa: E402
-from lfm_jax import train_utils  # noqa: E402
+from lfm_jax import optim  # noqa: E402
 
 
 def bench_config(bench: str, quick: bool = False):
@@ -97,7 +97,7 @@ def run_train_bench(bench: str, args, counter: C.CompileCounter, peak=None, step
   if bench == "U" and args.small_map_threshold is not None:
     model = model.clone(small_map_threshold=args.small_map_threshold)
   mesh = parallel.create_mesh()
-  tx, schedule = train_utils.create_optimizer(config.train)
+  tx, schedule = optim.create_optimizer(config.train)
   state = train.create_train_state(jax.random.PRNGKey(0), model, config, shape, tx=tx, mesh=mesh)
   n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state.params))
   raw_step = train.make_train_step(model, config, tx, schedule, mesh=mesh)

@@ -17,8 +17,12 @@ def get_config():
   """Returns the embedded-default config (see module docstring)."""
   # Optional values are typed placeholders (None until set) so the command line can set them.
   config = ml_collections.ConfigDict()
-  config.mode = "pipeline"  # pipeline | autoencoder | encode | train | sample | evaluate | score | stability
+  config.mode = "pipeline"  # one of lfm_jax/modes.py: pipeline | autoencoder | encode | train | ... | export
   config.seed = 0
+
+  # --- Devices (lfm_jax/parallel.py): a ("data", "fsdp") mesh over every device of every host.
+  config.mesh = mesh = ml_collections.ConfigDict()
+  mesh.fsdp = 1  # devices sharding params, EMA and optimizer state (FSDP); the rest form "data"
 
   # --- Data (lfm_jax/input_pipeline.py). Images are float32 in [-1, 1], NHWC.
   config.data = data = ml_collections.ConfigDict()
@@ -65,11 +69,27 @@ def get_config():
   ae.train.num_steps = 1000
   ae.train.batch_size = 64
   ae.train.learning_rate = 2e-3
+  # The optimizer keys of config.train (optim.py), for the autoencoder.
+  ae.train.optimizer = "adamw"
+  ae.train.weight_decay = 0.0
+  ae.train.schedule = "constant"
+  ae.train.warmup_steps = 0
+  ae.train.end_learning_rate = 0.0
+  ae.train.grad_clip_norm = 0.0
+  ae.train.b1 = 0.9
+  ae.train.b2 = 0.999
+  ae.train.eps = 1e-8
   ae.train.recon_loss = "l1"  # l1 | l2
   ae.train.kl_weight = 1e-5
   ae.train.ema_decay = 0.0  # 0 disables EMA for the autoencoder
   ae.train.log_every = 100
   ae.train.checkpoint_every = 500
+
+  # --- Latent cache (latents.py).
+  config.latents = lat = ml_collections.ConfigDict()
+  lat.groups = 64  # group files = training-order groups; the process count must divide min(groups, N)
+  lat.encode_batch_size = 32  # images per device per encoder call
+  lat.dtype = "float32"  # float32 | float16 storage of the posteriors
 
   # --- Velocity network (models/unet.py, models/dit.py).
   config.model = model = ml_collections.ConfigDict()
@@ -92,6 +112,8 @@ def get_config():
   model.resblock_updown = False
   model.num_classes = 10  # 0: unconditional. The null (guidance) label is index num_classes.
   model.extra_in_channels = 0  # conditioning channels concatenated to the latent (inpainting: 5)
+  model.remat = "none"  # none | blocks | a jax.checkpoint_policies name (dots_saveable, ...)
+  model.attention_implementation = placeholder(str)  # None, xla | cudnn (GPU flash, bf16 only)
   model.init_from = placeholder(str)  # a PyTorch checkpoint to start from (weights.load_velocity_checkpoint)
   model.checkpoint_entry = "ema"  # which entry of a {"model", "ema"} checkpoint init_from takes
 
@@ -112,6 +134,9 @@ def get_config():
   train.warmup_steps = 0
   train.end_learning_rate = 1e-5  # for cosine
   train.grad_clip_norm = 0.0  # 0 disables
+  train.b1 = 0.9  # Adam(W) betas and epsilon (torch's defaults)
+  train.b2 = 0.999
+  train.eps = 1e-8
   train.grad_accum_steps = 1
   train.compute_dtype = "float32"  # float32 | bfloat16 (params stay float32)
   train.ema_decay = 0.999
@@ -128,7 +153,9 @@ def get_config():
   sample.num_steps = 50
   sample.rtol = 1e-5
   sample.atol = 1e-5
+  sample.max_steps = 4096  # step budget of the adaptive solvers (running out is an error)
   sample.guidance_scale = 1.5
+  sample.guidance_interval = placeholder(tuple)  # (t_lo, t_hi): guidance only for t in the band
   sample.num_samples = 100  # `sample` mode: 10 per class
   sample.batch_size = 100
   sample.use_ema = True
@@ -144,6 +171,10 @@ def get_config():
   ev.kid_subsets = 100
   ev.kid_subset_size = 1000
   ev.precision_recall_k = 3
+  # Metrics from lfm_jax/metrics/evaluate.py's registry: fd | precision_recall | kid |
+  # class_agreement | inception_score (inapplicable ones are skipped with a note).
+  ev.metrics = ("fd", "precision_recall", "kid", "class_agreement")
+  ev.inception_score_splits = 10
 
   # --- Scoring (scoring.py, `score` mode).
   config.score = sc = ml_collections.ConfigDict()
@@ -154,6 +185,7 @@ def get_config():
   sc.num_times = 10
   sc.num_noises = 2
   sc.batch_size = 256
+  sc.gradient_chunk_size = 8  # gradient scores: per-example gradients held at once (memory)
   sc.model_workdir = placeholder(str)  # loss/gradient scores: workdir of the (small) scoring model; None: this one
 
   # --- Stability (`stability` mode) and coarse-to-fine sampling.

@@ -1,23 +1,19 @@
-"""First-stage KL autoencoder training (config.autoencoder.train), on the flow trainer's machinery.
+"""First-stage KL autoencoder training (config.autoencoder.train) on the shared trainer skeleton.
 
 Loss (per batch of images x in [-1, 1], NHWC): recon + kl_weight * KL, where
   recon = mean |x - x_hat| ("l1") or mean (x - x_hat)^2 ("l2") over all pixels, x_hat decoded from
           a posterior sample z ~ q(z|x);
   KL    = mean over the batch of sum over latent elements of
           0.5 * (mean^2 + exp(logvar) - 1 - logvar)   (as LDM's DiagonalGaussianDistribution.kl).
-Same TrainState, sharded jitted step (batch on "data", state replicated and donated), orbax
-checkpoints (<workdir>/autoencoder/checkpoints, resume + SIGTERM like the flow trainer) and clu
-writers (<workdir>/autoencoder: TensorBoard + metrics.jsonl). At the end the params are exported as
-a diffusers directory (<workdir>/autoencoder/diffusers) with lfm_jax.weights.export_autoencoder_kl,
-so a trained autoencoder loads through the same code path as pretrained weights
+The loop, checkpoints (<workdir>/autoencoder/checkpoints, resume + SIGTERM), writers
+(<workdir>/autoencoder: TensorBoard + metrics.jsonl) and shardings are lfm_jax/trainer.py's. At
+the end the params are exported as a diffusers directory (<workdir>/autoencoder/diffusers), so a
+trained autoencoder loads through the same code path as pretrained weights
 (lfm_jax.weights.load_autoencoder_kl).
 """
 
-import os
-from typing import Any, Callable, Iterator, Mapping, Optional
+from typing import Any, Callable, Iterator, Mapping, Optional, Union
 
-from absl import logging
-from clu import parameter_overview
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -25,11 +21,12 @@ import numpy as np
 import optax
 
 from lfm_jax import checkpoint as ckpt_lib
+from lfm_jax import optim
 from lfm_jax import parallel
-from lfm_jax import train_utils
-from lfm_jax.train import TrainState
-
-AUTOENCODER_DIR = "autoencoder"
+from lfm_jax import trainer
+from lfm_jax import workdir as workdir_lib
+from lfm_jax import writers
+from lfm_jax.trainer import TrainState
 
 
 def kl_divergence(mean: jax.Array, logvar: jax.Array) -> jax.Array:
@@ -57,26 +54,20 @@ def autoencoder_loss(module: nn.Module, params: Any, images: jax.Array, rng: jax
 def make_autoencoder_step(module: nn.Module, tcfg: Any, tx: optax.GradientTransformation,
                           schedule: optax.Schedule) -> Callable:
   """The pure step (state, {"image": x}) -> (state, metrics); see train.make_train_step."""
-  recon_loss = tcfg.get("recon_loss", "l1")
-  kl_weight = float(tcfg.get("kl_weight", 1e-6))
-  ema_decay = float(tcfg.get("ema_decay", 0.0) or 0.0)
+  recon_loss, kl_weight = tcfg.recon_loss, float(tcfg.kl_weight)
+  ema_decay = jnp.float32(float(tcfg.ema_decay))
 
   def step_fn(state: TrainState, batch: Mapping[str, jax.Array]):
     rng = jax.random.fold_in(state.rng, state.step)
     (loss, aux), grads = jax.value_and_grad(
         lambda p: autoencoder_loss(module, p, batch["image"], rng, recon_loss=recon_loss,
                                    kl_weight=kl_weight), has_aux=True)(state.params)
-    grad_norm = optax.tree.norm(grads)
-    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
-    ema_params = train_utils.ema_update(state.ema_params, params, jnp.float32(ema_decay))
-    params, ema_params, opt_state = train_utils.select_tree(
-        finite, (params, ema_params, opt_state), (state.params, state.ema_params, state.opt_state))
-    metrics = {"loss": loss, "recon_loss": aux["recon"], "kl": aux["kl"], "grad_norm": grad_norm,
-               "learning_rate": jnp.asarray(schedule(state.step), jnp.float32), "finite": finite}
-    return state.replace(step=state.step + 1, params=params, ema_params=ema_params,
-                         opt_state=opt_state), metrics
+    new_state, info = trainer.apply_gradients(state, loss, grads, tx, ema_decay)
+    metrics = {"loss": loss, "recon_loss": aux["recon"], "kl": aux["kl"],
+               "grad_norm": info["grad_norm"],
+               "learning_rate": jnp.asarray(schedule(state.step), jnp.float32),
+               "finite": info["finite"]}
+    return new_state, metrics
 
   return step_fn
 
@@ -100,150 +91,91 @@ def evaluate_psnr(module: nn.Module, params: Any, images: np.ndarray, batch_size
   return psnr(reconstruct(module, params, images, batch_size), np.asarray(images))
 
 
-def _as_image_dict(images: Any) -> dict[str, np.ndarray]:
-  if isinstance(images, Mapping):
-    if "image" not in images:
-      raise KeyError(f"image arrays need an 'image' key, got {sorted(images)}")
-    return {"image": np.asarray(images["image"], np.float32)}
-  return {"image": np.asarray(images, np.float32)}
+def _metadata(ae_cfg: Any, image_shape: tuple[int, ...]) -> dict[str, Any]:
+  section = {"autoencoder": ae_cfg.to_dict(), "image_shape": list(image_shape)}
+  section["autoencoder"].pop("train", None)
+  digest, plain = ckpt_lib.config_fingerprint(section)
+  return {"config": plain, "fingerprint": digest}
 
 
-def train_autoencoder(
-    config: Any,
-    workdir: str,
-    images: Optional[Any] = None,
-    *,
-    train_iter: Optional[Iterator[Mapping[str, np.ndarray]]] = None,
-    eval_images: Optional[np.ndarray] = None,
-    module: Optional[nn.Module] = None,
-    mesh: Optional[jax.sharding.Mesh] = None,
-    stop_after: Optional[int] = None,
-    export: bool = True,
-    print_fn: Callable[[str], None] = print,
-) -> tuple[nn.Module, Any]:
+def train_autoencoder(config: Any, workdir: Any,
+                      data: Union[np.ndarray, Iterator[Mapping[str, np.ndarray]]], *,
+                      eval_images: Optional[np.ndarray] = None,
+                      module: Optional[nn.Module] = None,
+                      mesh: Optional[jax.sharding.Mesh] = None,
+                      stop_after: Optional[int] = None, export: bool = True,
+                      print_fn: Callable[[str], None] = writers.say) -> tuple[nn.Module, Any]:
   """Trains the first-stage KL autoencoder; resumes from <workdir>/autoencoder/checkpoints.
 
   Args:
     config: reads config.seed, config.autoencoder (architecture, .train: num_steps, batch_size,
-      learning_rate, recon_loss, kl_weight, ema_decay, log_every, checkpoint_every; optional
-      schedule keys as in config.train) and config.data.channels.
-    workdir: outputs go to <workdir>/autoencoder/.
-    images: training images (N, H, W, C) float32 in [-1, 1] (or {"image": ...}); or pass
-    train_iter: an iterator of host-local {"image": (b, H, W, C)} batches with state()/restore().
-    eval_images: held-out images for the PSNR before/after report (default: the first 256 images).
-    module: default AutoencoderKL.from_config(config.autoencoder, in_channels=config.data.channels).
+      the optimizer keys, recon_loss, kl_weight, ema_decay, log_every, checkpoint_every, ...)
+      and config.data.channels.
+    workdir: a path or Workdir; outputs go to <workdir>/autoencoder/.
+    data: training images (N, H, W, C) float32 in [-1, 1] (every host passes all of them; each
+      feeds its rows of every batch), or an iterator of host-local {"image": (b, H, W, C)}
+      batches with state()/restore().
+    eval_images: held-out images for the PSNR before/after report (default: the first 256).
+    module: default AutoencoderKL.from_config(config.autoencoder, in_channels=data.channels).
     stop_after: save and return after this step.
-    export: write <workdir>/autoencoder/diffusers (diffusers layout) at the end, when the converter
-      module is available.
+    export: write <workdir>/autoencoder/diffusers at the end (process 0; the other hosts wait).
   Returns:
-    (module, params) — the EMA params when autoencoder.train.ema_decay > 0, else the live params
-    (host numpy arrays).
+    (module, params): the EMA params when autoencoder.train.ema_decay > 0, else the live params
+    (host numpy arrays, on every host).
   """
-  ae_cfg = config.autoencoder
-  tcfg = ae_cfg.train
-  num_steps = int(tcfg.num_steps)
-  batch_size = int(tcfg.batch_size)
-  mesh = mesh or parallel.create_mesh()
-  parallel.local_batch_size(batch_size, mesh)
-  out_dir = os.path.join(workdir, AUTOENCODER_DIR)
-  if (images is None) == (train_iter is None):
-    raise ValueError("pass exactly one of `images` or `train_iter`")
-  if train_iter is None:
-    arrays = _as_image_dict(images)
-    train_iter = train_utils.make_array_iterator(arrays, batch_size, int(config.seed))
+  from lfm_jax import input_pipeline  # pylint: disable=g-import-not-at-top
+  wd = workdir_lib.Workdir.of(workdir)
+  ae_cfg, tcfg = config.autoencoder, config.autoencoder.train
+  mesh = mesh or parallel.mesh_from_config(config)
+  parallel.local_batch_size(int(tcfg.batch_size), mesh)
+  if isinstance(data, np.ndarray):
     if eval_images is None:
-      eval_images = arrays["image"][:256]
+      eval_images = data[:256]
+    data = input_pipeline.ArrayIterator({"image": np.asarray(data, np.float32)},
+                                        batch_size=int(tcfg.batch_size), seed=int(config.seed))
   if module is None:
     from lfm_jax.models.autoencoder import AutoencoderKL  # pylint: disable=g-import-not-at-top
-    channels = int(config.data.channels) if "data" in config else None
-    module = AutoencoderKL.from_config(ae_cfg, in_channels=channels)
+    module = AutoencoderKL.from_config(ae_cfg, in_channels=int(config.data.channels))
 
-  state_before = train_iter.state()
-  image_shape = tuple(np.shape(next(train_iter)["image"])[1:])
-  train_iter.restore(state_before)
+  state_before = data.state()
+  image_shape = tuple(np.shape(next(data)["image"])[1:])
+  data.restore(state_before)
+  tx, schedule = optim.create_optimizer(tcfg)
 
-  tx, schedule = train_utils.create_optimizer(tcfg)
-  rng = jax.random.PRNGKey(int(config.seed) + 1)
-
-  def init_fn(r):
+  def create(rng):
+    rng_init, rng_train = jax.random.split(rng)
     x = jnp.zeros((1,) + image_shape, jnp.float32)
-    return module.init(r, x, None, sample_posterior=False)["params"]
+    params = module.init(rng_init, x, None, sample_posterior=False)["params"]
+    return trainer.new_state(params, tx, rng_train)
 
-  def create(r):
-    rng_init, rng_train = jax.random.split(r)
-    params = init_fn(rng_init)
-    return TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                      ema_params=jax.tree.map(lambda p: p + jnp.zeros_like(p), params),
-                      opt_state=tx.init(params), rng=rng_train)
+  rng = jax.random.PRNGKey(int(config.seed) + 1)
+  psnr_before = None
+  if eval_images is not None and wd.latest_step(wd.autoencoder_checkpoints) is None:
+    params0 = jax.jit(create)(rng).params
+    psnr_before = evaluate_psnr(module, params0, np.asarray(eval_images))
+  state = trainer.fit(
+      name="autoencoder", create=create, create_args=(rng,),
+      step_fn=make_autoencoder_step(module, tcfg, tx, schedule), train_iter=data, mesh=mesh,
+      checkpoint_dir=wd.autoencoder_checkpoints, logdir=wd.autoencoder,
+      settings=trainer.LoopSettings(num_steps=int(tcfg.num_steps),
+                                    log_every=max(int(tcfg.log_every), 1),
+                                    checkpoint_every=int(tcfg.checkpoint_every)),
+      metadata=_metadata(ae_cfg, image_shape), stop_after=stop_after, print_fn=print_fn)
 
-  rep = parallel.replicated(mesh)
-  section = {"autoencoder": ae_cfg.to_dict() if hasattr(ae_cfg, "to_dict") else dict(ae_cfg),
-             "image_shape": list(image_shape)}
-  section["autoencoder"].pop("train", None)
-  digest, plain = ckpt_lib.config_fingerprint(section)
-  meta = {"config": plain, "fingerprint": digest}
-  checkpointer = ckpt_lib.Checkpointer(os.path.join(out_dir, "checkpoints"), max_to_keep=2)
-  try:
-    latest = checkpointer.latest_step()
-    if latest is not None:
-      abstract = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=rep),
-                              jax.eval_shape(create, rng))
-      state, input_state, _ = checkpointer.restore(abstract, latest, expected_meta=meta)
-      if input_state:
-        train_iter.restore(input_state)
-      logging.info("Autoencoder: resumed from %s", checkpointer.step_path(latest))
-    else:
-      state = jax.jit(create, out_shardings=rep)(rng)
-    if jax.process_index() == 0:
-      parallel.print_shardings(state, title="Autoencoder state shardings", print_fn=print_fn,
-                               batch_sharding=parallel.data_sharded(mesh))
-    parameter_overview.log_parameter_overview(state.params)
-
-    writer = train_utils.create_metric_writer(out_dir)
-    psnr_before = None
-    if eval_images is not None:
-      psnr_before = evaluate_psnr(module, state.params, np.asarray(eval_images))
-      writer.write_scalars(int(state.step), {"eval_psnr": psnr_before})
-      logging.info("Autoencoder: held-out PSNR at step %d: %.2f dB", int(state.step), psnr_before)
-
-    rep_data = parallel.data_sharded(mesh)
-    step_fn = jax.jit(make_autoencoder_step(module, tcfg, tx, schedule),
-                      in_shardings=(rep, rep_data), out_shardings=(rep, rep),
-                      donate_argnames="state",
-                      compiler_options=parallel.train_compiler_options())
-    state = train_utils.run_loop(
-        state=state, step_fn=step_fn, train_iter=train_iter, mesh=mesh,
-        checkpointer=checkpointer, writer=writer, num_steps=num_steps, end_step=stop_after,
-        log_every=int(tcfg.get("log_every", 100)),
-        checkpoint_every=int(tcfg.get("checkpoint_every", 0) or 0), metadata=meta,
-        name="autoencoder")
-  finally:
-    checkpointer.close()
-
-  use_ema = float(tcfg.get("ema_decay", 0.0) or 0.0) > 0
-  params = jax.tree.map(np.asarray, jax.device_get(state.ema_params if use_ema else state.params))
+  use_ema = float(tcfg.ema_decay) > 0
+  params = parallel.to_host(state.ema_params if use_ema else state.params)
   if eval_images is not None:
     psnr_after = evaluate_psnr(module, params, np.asarray(eval_images))
+    writer = writers.create_metric_writer(wd.autoencoder, tensorboard=False)
     writer.write_scalars(int(state.step), {"eval_psnr": psnr_after})
-    writer.flush()
-    print_fn(f"Autoencoder held-out PSNR: {psnr_before:.2f} dB before, {psnr_after:.2f} dB after "
+    writer.close()
+    before = "" if psnr_before is None else f"{psnr_before:.2f} dB before, "
+    print_fn(f"autoencoder: held-out PSNR {before}{psnr_after:.2f} dB after "
              f"{int(state.step)} steps")
-  if export and jax.process_index() == 0 and int(state.step) >= num_steps:
-    export_dir = export_for_loading(module, params, out_dir)
-    if export_dir:
-      print_fn(f"Autoencoder exported to {export_dir} (lfm_jax.weights.load_autoencoder_kl)")
+  if export and int(state.step) >= int(tcfg.num_steps):
+    if jax.process_index() == 0:
+      from lfm_jax import weights  # pylint: disable=g-import-not-at-top
+      weights.export_autoencoder_kl(module, params, wd.autoencoder_export)
+      print_fn(f"autoencoder: exported to {wd.autoencoder_export} (diffusers layout)")
+    parallel.sync("autoencoder_export")
   return module, params
-
-
-def export_for_loading(module: nn.Module, params: Any, out_dir: str) -> Optional[str]:
-  """Writes <out_dir>/diffusers with lfm_jax.weights.export_autoencoder_kl; None if unavailable
-  (the converter is missing or `module` is not an AutoencoderKL)."""
-  try:
-    from lfm_jax import weights  # pylint: disable=g-import-not-at-top
-    from lfm_jax.models.autoencoder import AutoencoderKL  # pylint: disable=g-import-not-at-top
-    if not isinstance(module, AutoencoderKL):
-      return None
-    return weights.export_autoencoder_kl(module, params, os.path.join(out_dir, "diffusers"))
-  except ImportError as e:
-    logging.warning("Autoencoder not exported (%s); the orbax checkpoint is in %s", e, out_dir)
-    return None

@@ -30,6 +30,8 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from lfm_jax import storage
+
 
 class CheckpointError(RuntimeError):
   """A checkpoint could not be restored; the message names the checkpoint and what differs."""
@@ -132,12 +134,13 @@ class Checkpointer:
 
   def __init__(self, directory: str, *, max_to_keep: Optional[int] = 2,
                keep_period: Optional[int] = None, async_save: bool = True):
-    self.directory = os.path.abspath(os.fspath(directory))
+    text = os.fspath(directory)
+    self.directory = text if storage.is_remote(text) else os.path.abspath(text)
     options = ocp.CheckpointManagerOptions(
         max_to_keep=max_to_keep, keep_period=keep_period or None, create=True,
         enable_async_checkpointing=async_save)
     self._manager = ocp.CheckpointManager(
-        self.directory, options=options,
+        storage.path(self.directory), options=options,
         item_handlers={"state": ocp.StandardCheckpointHandler(),
                        "input": ocp.JsonCheckpointHandler(),
                        "meta": ocp.JsonCheckpointHandler()})
@@ -153,7 +156,7 @@ class Checkpointer:
     return self._manager.all_steps()
 
   def step_path(self, step: int) -> str:
-    return os.path.join(self.directory, str(step))
+    return f"{self.directory.rstrip('/')}/{step}"
 
   def save(self, step: int, state: Any, *, input_state: Optional[Mapping[str, Any]] = None,
            metadata: Optional[Mapping[str, Any]] = None, force: bool = True) -> bool:

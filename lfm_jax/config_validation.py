@@ -10,12 +10,8 @@ from typing import Any, Callable, Iterable
 
 import ml_collections
 
-MODES = ("pipeline", "autoencoder", "encode", "train", "sample", "evaluate", "score", "stability")
-SOLVERS = ("euler", "heun", "midpoint", "rk4", "dopri5", "tsit5")
-SUBSET_RULES = ("highest", "lowest", "random", "proportional", "proportional_nearest",
-                "proportional_furthest", "balanced", "balanced_nearest", "balanced_furthest",
-                "kcenter", "herding")
-SCORE_CRITERIA = ("loss", "gradient", "cluster", "random", "kcenter", "herding")
+from lfm_jax.modes import MODES
+
 FEATURE_EXTRACTORS = ("digits_classifier", "autoencoder", "inception")
 
 
@@ -77,7 +73,29 @@ def _fraction(lo_open=False, hi_open=False):
 
 def validate_config(config: ml_collections.ConfigDict) -> None:
   """Checks every value a stage reads; raises ConfigError naming the first bad key."""
+  from lfm_jax import optim, precision, sampling, scoring  # pylint: disable=g-import-not-at-top
+  from lfm_jax.metrics import evaluate  # pylint: disable=g-import-not-at-top
+  SOLVERS, SUBSET_RULES, SCORE_CRITERIA = sampling.SOLVERS, scoring.RULES, scoring.CRITERIA  # pylint: disable=invalid-name
   r = lambda path, ok, what, optional=False: _require(config, path, ok, what, optional)
+  r("mesh.fsdp", _positive_int, "must be a positive integer dividing the device count")
+  r("latents.groups", _positive_int, "must be a positive integer")
+  r("latents.encode_batch_size", _positive_int, "must be a positive integer")
+  r("latents.dtype", _one_of(("float32", "float16")), "must be float32 or float16")
+  r("train.optimizer", _one_of(optim.OPTIMIZERS), f"must be one of {', '.join(optim.OPTIMIZERS)}")
+  r("train.b1", _fraction(hi_open=True), "must lie in [0, 1)")
+  r("train.b2", _fraction(hi_open=True), "must lie in [0, 1)")
+  r("train.eps", lambda v: float(v) > 0, "must be positive")
+  r("sample.max_steps", _positive_int, "must be a positive integer")
+  r("sample.guidance_interval", lambda v: len(v) == 2 and 0 <= float(v[0]) < float(v[1]) <= 1,
+    "must be (t_lo, t_hi) with 0 <= t_lo < t_hi <= 1, or None", optional=True)
+  r("eval.metrics", lambda v: len(v) > 0 and all(m in evaluate.available_metrics() for m in v),
+    f"must list metrics from {', '.join(evaluate.available_metrics())}")
+  r("eval.inception_score_splits", _positive_int, "must be a positive integer")
+  r("score.gradient_chunk_size", _positive_int, "must be a positive integer")
+  for key in ("train.compute_dtype",):
+    if _get(config, key) not in precision.DTYPES:
+      raise ConfigError(f"config.{key}: must be one of {', '.join(precision.DTYPES)}, got "
+                        f"{_get(config, key)!r}")
   r("mode", _one_of(MODES), f"must be one of {', '.join(MODES)}")
   r("seed", lambda v: isinstance(v, int), "must be an integer")
 
@@ -139,6 +157,11 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
                           f"choose one of {', '.join(presets)}")
   r("model.extra_in_channels", _nonneg_int, "must be an integer >= 0")
   r("model.time_convention", _one_of(("lfm", "sit")), "must be lfm or sit", optional=True)
+  from lfm_jax.models import layers  # pylint: disable=g-import-not-at-top
+  r("model.remat", _one_of(layers.REMAT_CHOICES),
+    f"must be one of {', '.join(layers.REMAT_CHOICES)}", optional=True)
+  r("model.attention_implementation", _one_of(layers.ATTENTION_IMPLEMENTATIONS),
+    "must be None, xla or cudnn", optional=True)
   if _get(config, "model.num_classes", 0) and _get(config, "data.num_classes", 0) and (
       _get(config, "model.num_classes") != _get(config, "data.num_classes")):
     raise ConfigError(f"config.model.num_classes: {_get(config, 'model.num_classes')} differs from "
@@ -189,3 +212,21 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
       "must name an .npz with ids and features when config.score.embedding == 'file'")
   r("score.num_clusters", _positive_int, "must be a positive integer")
   r("coarse_to_fine.light_fraction", _fraction(), "must lie in [0, 1]")
+
+
+def validate_for_devices(config: ml_collections.ConfigDict, num_devices: int,
+                         num_processes: int) -> None:
+  """Checks the values that depend on the device and process counts, before any compile."""
+  fsdp = _get(config, "mesh.fsdp")
+  if num_devices % fsdp:
+    raise ConfigError(f"config.mesh.fsdp: {fsdp} does not divide the {num_devices} devices")
+  training = {"pipeline": ("train.batch_size", "autoencoder.train.batch_size"),
+              "train": ("train.batch_size",),
+              "autoencoder": ("autoencoder.train.batch_size",)}.get(_get(config, "mode"), ())
+  for key in training:
+    if _get(config, key) % num_devices:
+      raise ConfigError(f"config.{key}: {_get(config, key)} is not divisible by the "
+                        f"{num_devices} devices")
+  if _get(config, "latents.groups") % num_processes:
+    raise ConfigError(f"config.latents.groups: {_get(config, 'latents.groups')} is not divisible "
+                      f"by the {num_processes} processes")

@@ -80,7 +80,7 @@ __all__ = [
     "DatasetNotAvailableError", "ManualFileError", "PAPER_PRESETS", "TASKS", "MASK_KINDS",
     "get_builder", "ensure_prepared", "dataset_info", "num_examples", "split_range",
     "segmentation_classes", "preprocess_image", "create_dataset", "iterate_numpy",
-    "ResumableIterator", "ArrayIterator", "host_range",
+    "ResumableIterator", "ArrayIterator", "host_range", "split_ids",
 ]
 
 # Preprocessing of the paper experiments (for configs; the pipeline itself reads config.data).
@@ -365,6 +365,15 @@ def _selection(builder, data_config, split: str) -> tuple[SplitRange, Optional[n
   if builder.name == "lsun":
     return rng, _first_by_source_key(builder, rng, int(cap))
   return rng, np.arange(rng.start, rng.start + int(cap), dtype=np.int64)
+
+
+def split_ids(data_config, split: str) -> np.ndarray:
+  """The ascending example ids (indices in the base split) the pipeline reads for `split`
+  (slice expressions and data.max_train_examples applied)."""
+  rng, allowed = _selection(_prepared_builder(data_config), data_config, split)
+  if allowed is not None:
+    return np.asarray(allowed, np.int64)
+  return np.arange(rng.start, rng.end, dtype=np.int64)
 
 
 def num_examples(data_config, split: str, builder=None) -> int:

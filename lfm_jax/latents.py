@@ -1,48 +1,62 @@
-"""Latent cache: encode a data set once with the frozen autoencoder, reuse it afterwards.
+"""Latent cache: encode a data set once with the frozen autoencoder, read it by groups.
+
+The cache stores the posterior q(z|x) = N(mean, exp(logvar)) of every training example, not one
+sample: training draws a fresh z each step (`sample_latents`, as LFM does) and multiplies it by
+the scale factor. With data.random_flip it also stores the posterior of the mirrored image, and
+training picks one orientation per example and epoch (as fast-DiT's flipped feature cache does).
 
 Layout under `<workdir>/latents/`:
-  manifest.json          fingerprint, counts, shapes, dtype, scale factor, latent statistics
-  shard-00000.npz ...    `mean`, `logvar` (B, h, w, c) float32|float16, `label` int32, `id` int64
+  manifest.json              fingerprint, counts, shapes, dtype, scale factor, the group table
+  group-00000-<build>.npz    `mean`, `logvar` (n, h, w, c) [+ `mean_flip`, `logvar_flip`],
+                             `label` int32 (-1 when unlabelled), `id` int64 (index in the split)
 
-The cache stores the posterior q(z|x) = N(mean, exp(logvar)), not one sample: training draws a
-fresh z each step with `sample_latents` (as LFM does) and multiplies by the scale factor.
+Groups. The examples, in id order, are cut into G = min(latents.groups, N) contiguous groups of
+near-equal size, one file each. A multi-host build has host h encode and write groups
+[hG/P, (h+1)G/P) (P hosts, P | G); process 0 writes the manifest last, so a cache is complete
+exactly when its manifest lists it, and an interrupted build leaves the previous cache valid.
+Any host count dividing G can read it.
 
-A cache is reused when its manifest's fingerprint equals the requested one (which autoencoder -
-path and step, or `params_fingerprint(params)` - data set, split, resolution, ...), and rebuilt
-otherwise. A build writes into a temporary directory and renames it into place only when complete,
-so an interrupted build never leaves a cache that looks valid.
+Training order (`LatentIterator`): the global batch of B rows is made of L = gcd(G, B) lanes of
+B / L rows; lane l draws from groups [lG/L, (l+1)G/L) in a fresh permutation every lane epoch,
+drawn from (seed, L, l, epoch). Host h feeds lanes [hL/P, (h+1)L/P), so it reads only its own
+groups, and the global batches are the same for every host and device count.
 
-Scale factor: the given one (e.g. 0.18215 for SD's KL-f8), else 1 / std of latents sampled from
-the cached posteriors (computed while encoding, seeded, so rebuilds are reproducible).
+Fingerprint (`fingerprint`, the only one): the autoencoder's identity and everything that
+changes the encoded images (data set, image folder, split, resolution, channels, crop, example
+cap, stored orientations, group count, storage dtype). A cache whose manifest holds another fingerprint is
+rebuilt.
+
+Scale factor: 1 / std of latents sampled from the cached posteriors, one seeded draw per example
+(seed, id) summed per group in float64, so it is the same for any host count.
 """
 
-import hashlib
-import json
-import logging
-import os
-import shutil
+import math
 import time
 import uuid
-from typing import Any, Callable, Dict, Iterable, Mapping, Optional
+from typing import Any, Callable, Dict, Iterable, Mapping, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-logger = logging.getLogger(__name__)
+from lfm_jax import parallel
+from lfm_jax import storage
 
-CACHE_DIRNAME = "latents"
 MANIFEST = "manifest.json"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 _DTYPES = {"float32": np.float32, "float16": np.float16}
 
 
-def cache_dir(workdir: str) -> str:
-  return os.path.join(os.fspath(workdir), CACHE_DIRNAME)
+class CacheError(ValueError):
+  """The latent cache cannot serve a request (missing, incompatible); the message says why."""
+
+
+# ----------------------------------------------------------------------------------- identity
 
 
 def params_fingerprint(params) -> str:
   """sha256 (hex) of a parameter pytree: paths, shapes, dtypes and values."""
+  import hashlib  # pylint: disable=g-import-not-at-top
   h = hashlib.sha256()
   leaves = jax.tree_util.tree_flatten_with_path(jax.device_get(params))[0]
   for path, leaf in sorted(leaves, key=lambda kv: jax.tree_util.keystr(kv[0])):
@@ -53,262 +67,386 @@ def params_fingerprint(params) -> str:
   return h.hexdigest()
 
 
-def _normalize(fingerprint: Mapping[str, Any]) -> Any:
+def _normalize(obj: Any) -> Any:
   """JSON round trip: tuples become lists, non-JSON values their str(), keys sorted."""
-  return json.loads(json.dumps(fingerprint, sort_keys=True, default=str))
+  import json  # pylint: disable=g-import-not-at-top
+  return json.loads(json.dumps(obj, sort_keys=True, default=str))
 
 
-def fingerprint_from_config(config, autoencoder: Any, split: Optional[str] = None) -> Dict[str, Any]:
-  """The cache fingerprint for `config` (the full run config) and an autoencoder identity.
+def fingerprint(config, autoencoder: Any) -> Dict[str, Any]:
+  """The cache fingerprint of a run config and an autoencoder identity (see module docstring).
 
-  `autoencoder` identifies the weights: e.g. {"path": ..., "step": ...} for a trained one, the
-  pretrained checkpoint path, or `params_fingerprint(params)`. Everything that changes the encoded
-  images is included (data set, split, resolution, channels, crop, example cap); augmentation
-  (random flips) and subset selection are applied after the cache and are not.
+  `autoencoder` identifies the weights, e.g. {"trained": {path, size, mtime}} or
+  {"pretrained": ...} or `params_fingerprint(params)`. Subset selection and the orientation
+  drawn at each step are applied after the cache and are not part of it.
   """
   data = config.data
-  get = lambda k: data.get(k, None) if hasattr(data, "get") else getattr(data, k, None)
   return _normalize({
       "autoencoder": autoencoder,
       "data": {
-          "name": get("name"),
-          "split": split if split is not None else get("train_split"),
-          "image_size": get("image_size"),
-          "channels": get("channels"),
-          "crop": get("crop"),
-          "max_train_examples": get("max_train_examples"),
-          "image_folder": get("image_folder"),
+          "name": data.name,
+          "image_folder": data.image_folder,
+          "split": data.train_split,
+          "image_size": int(data.image_size),
+          "channels": int(data.channels),
+          "crop": data.crop,
+          "max_train_examples": data.max_train_examples,
       },
+      "flipped": bool(data.random_flip),
+      "groups": int(config.latents.groups),
+      "dtype": config.latents.dtype,
       "format": FORMAT_VERSION,
   })
 
 
-def read_manifest(workdir: str) -> Optional[Dict[str, Any]]:
-  """The manifest of a complete cache, or None (absent, unreadable or with missing shards)."""
-  d = cache_dir(workdir)
-  try:
-    with open(os.path.join(d, MANIFEST)) as f:
-      manifest = json.load(f)
-  except (OSError, ValueError):
-    return None
-  if manifest.get("version") != FORMAT_VERSION:
-    return None
-  if not all(os.path.exists(os.path.join(d, s["file"])) for s in manifest.get("shards", [])):
-    return None
-  return manifest
+def group_bounds(num_examples: int, num_groups: int) -> np.ndarray:
+  """(G + 1,) start offsets of G contiguous near-equal groups of num_examples (first ones +1)."""
+  base, rest = divmod(num_examples, num_groups)
+  sizes = np.full(num_groups, base, np.int64)
+  sizes[:rest] += 1
+  return np.concatenate([[0], np.cumsum(sizes)])
 
 
-def _write_json_atomic(path: str, obj) -> None:
-  tmp = f"{path}.tmp-{uuid.uuid4().hex}"
-  with open(tmp, "w") as f:
-    json.dump(obj, f, indent=2, sort_keys=True)
-  os.replace(tmp, path)
+def num_groups_for(num_examples: int, groups: int) -> int:
+  return max(1, min(int(groups), int(num_examples)))
 
 
-class _Stats:
-  """Streaming mean/std of latents sampled from the posteriors (float64 sums)."""
-
-  def __init__(self, seed: int):
-    self.rng = np.random.default_rng(seed)
-    self.n = 0
-    self.s = 0.0
-    self.s2 = 0.0
-
-  def update(self, mean: np.ndarray, logvar: np.ndarray) -> None:
-    z = mean.astype(np.float64) + np.exp(0.5 * logvar.astype(np.float64)) * self.rng.standard_normal(
-        mean.shape)
-    self.n += z.size
-    self.s += float(z.sum())
-    self.s2 += float(np.square(z).sum())
-
-  def result(self):
-    mu = self.s / max(self.n, 1)
-    var = max(self.s2 / max(self.n, 1) - mu * mu, 0.0)
-    return mu, float(np.sqrt(var))
+def _owned(count: int, process_index: int, process_count: int, what: str) -> range:
+  if count % process_count:
+    raise CacheError(f"{what}: {count} is not divisible by the {process_count} processes")
+  per = count // process_count
+  return range(process_index * per, (process_index + 1) * per)
 
 
-def compute_scale_factor(mean, logvar, seed: int = 0) -> float:
-  """1 / std of z ~ N(mean, exp(logvar)) over all elements (LDM's rescaling rule)."""
-  st = _Stats(seed)
-  st.update(np.asarray(mean), np.asarray(logvar))
-  return 1.0 / st.result()[1]
+# ----------------------------------------------------------------------------------- reading
 
 
-def build_latent_cache(
-    workdir: str,
-    encode_fn: Callable[[Any], Any],
-    images_iter_factory: Callable[[], Iterable[Mapping[str, Any]]],
-    *,
-    fingerprint: Mapping[str, Any],
-    dtype: str = "float32",
-    scale_factor: Optional[float] = None,
-    shard_size: int = 16384,
-    seed: int = 0,
-    force: bool = False,
-    log: Optional[Callable[[str], None]] = None,
-) -> Dict[str, Any]:
-  """Encodes the data set into `<workdir>/latents/` unless a matching cache exists.
+class LatentCache:
+  """A complete cache (its manifest) and readers of its groups."""
 
-  Args:
-    workdir: the run directory (local path).
-    encode_fn: images (B, H, W, C) float32 in [-1, 1] -> (mean, logvar), each (B, h, w, c);
-      typically a jitted (and sharded) `module.apply(..., method=module.encode)`. Must return
-      host-addressable arrays.
-    images_iter_factory: () -> iterable of batches {"image": (B, H, W, C), "label": (B,) int
-      (optional: -1), "id": (B,) int (optional: running index), "mask": (B,) bool (optional:
-      False marks padding examples, which are dropped)}. Only called when (re)building.
-    fingerprint: JSON-able dict identifying autoencoder checkpoint + data (name, split,
-      resolution, preprocessing...). Any change invalidates the cache.
-    dtype: storage dtype of mean/logvar, "float32" or "float16".
-    scale_factor: fixed scale factor; None: 1 / std of sampled latents.
-    shard_size: examples per shard file.
-    seed: seed of the latent sampling used for the computed scale factor.
-    force: rebuild even if a matching cache exists.
-    log: message sink (default: this module's logger at INFO).
+  def __init__(self, directory: storage.PathLike, manifest: Mapping[str, Any]):
+    self.directory = storage.path(directory)
+    self.manifest = dict(manifest)
 
-  Returns:
-    the manifest dict, plus "reused": bool and "path".
-  """
-  log = log or logger.info
-  if dtype not in _DTYPES:
-    raise ValueError(f"latent cache dtype must be one of {sorted(_DTYPES)}, got {dtype!r}")
-  workdir = os.fspath(workdir)
-  final = cache_dir(workdir)
-  want = _normalize(fingerprint)
+  @classmethod
+  def open(cls, directory: storage.PathLike) -> Optional["LatentCache"]:
+    """The cache in `directory`, or None when there is no complete one."""
+    d = storage.path(directory)
+    path = d / MANIFEST
+    if not path.exists():
+      return None
+    try:
+      manifest = storage.read_json(path)
+    except storage.StorageError:
+      return None
+    if manifest.get("version") != FORMAT_VERSION:
+      return None
+    return cls(d, manifest)
 
-  manifest = None if force else read_manifest(workdir)
-  if manifest is not None and manifest.get("fingerprint") == want and manifest.get("dtype") == dtype:
-    if scale_factor is not None and manifest["scale_factor"] != float(scale_factor):
-      manifest["scale_factor"] = float(scale_factor)
-      manifest["scale_factor_source"] = "given"
-      _write_json_atomic(os.path.join(final, MANIFEST), manifest)
-    elif scale_factor is None and manifest.get("scale_factor_source") != "computed":
-      manifest["scale_factor"] = 1.0 / manifest["latent_std"]
-      manifest["scale_factor_source"] = "computed"
-      _write_json_atomic(os.path.join(final, MANIFEST), manifest)
-    log(f"reusing latent cache at {final} ({manifest['num_examples']} examples)")
-    return dict(manifest, reused=True, path=final)
-  if manifest is not None:
-    log(f"latent cache at {final} does not match (fingerprint or dtype changed); rebuilding")
+  @property
+  def num_examples(self) -> int:
+    return int(self.manifest["num_examples"])
 
-  os.makedirs(workdir, exist_ok=True)
-  tmp = os.path.join(workdir, f"{CACHE_DIRNAME}.tmp-{uuid.uuid4().hex[:12]}")
-  os.makedirs(tmp)
-  np_dtype = _DTYPES[dtype]
-  stats = _Stats(seed)
-  shards = []
-  buf = {"mean": [], "logvar": [], "label": [], "id": []}
-  buffered = 0
-  total = 0
-  latent_shape = None
-  start = time.time()
+  @property
+  def num_groups(self) -> int:
+    return len(self.manifest["groups"])
 
-  def flush():
-    nonlocal buf, buffered
-    if not buffered:
-      return
-    name = f"shard-{len(shards):05d}.npz"
-    arrays = {k: np.concatenate(v) for k, v in buf.items()}
-    with open(os.path.join(tmp, name), "wb") as f:
-      np.savez(f, **arrays)
-    shards.append({"file": name, "num_examples": int(buffered)})
-    buf = {k: [] for k in buf}
-    buffered = 0
+  @property
+  def latent_shape(self) -> tuple[int, ...]:
+    return tuple(int(d) for d in self.manifest["latent_shape"])
 
-  try:
-    for batch in images_iter_factory():
-      images = batch["image"]
-      mean, logvar = encode_fn(images)
-      mean = np.asarray(mean, np.float32)
-      logvar = np.asarray(logvar, np.float32)
-      b = mean.shape[0]
-      label = np.asarray(batch["label"], np.int32).reshape(b) if "label" in batch else np.full(
-          (b,), -1, np.int32)
-      ids = (np.asarray(batch["id"], np.int64).reshape(b) if "id" in batch
-             else np.arange(total, total + b, dtype=np.int64))
-      if "mask" in batch:
-        keep = np.asarray(batch["mask"], bool).reshape(b)
-        mean, logvar, label, ids = mean[keep], logvar[keep], label[keep], ids[keep]
-        b = int(keep.sum())
-      if b == 0:
-        continue
-      if latent_shape is None:
-        latent_shape = list(mean.shape[1:])
-      elif list(mean.shape[1:]) != latent_shape:
-        raise ValueError(f"latent shape changed mid-build: {mean.shape[1:]} vs {latent_shape}")
-      stats.update(mean, logvar)
-      mean_s, logvar_s = mean.astype(np_dtype), logvar.astype(np_dtype)
-      # Split so no shard exceeds shard_size.
-      i = 0
-      while i < b:
-        n = min(b - i, shard_size - buffered)
-        buf["mean"].append(mean_s[i:i + n])
-        buf["logvar"].append(logvar_s[i:i + n])
-        buf["label"].append(label[i:i + n])
-        buf["id"].append(ids[i:i + n])
-        buffered += n
-        total += n
-        i += n
-        if buffered >= shard_size:
-          flush()
-    flush()
-    if total == 0:
-      raise ValueError("the data iterator yielded no examples; nothing to cache")
-    latent_mean, latent_std = stats.result()
-    manifest = {
-        "version": FORMAT_VERSION,
-        "fingerprint": want,
-        "num_examples": int(total),
-        "latent_shape": latent_shape,
-        "dtype": dtype,
-        "shards": shards,
-        "latent_mean": latent_mean,
-        "latent_std": latent_std,
-        "scale_factor": float(scale_factor) if scale_factor is not None else 1.0 / latent_std,
-        "scale_factor_source": "given" if scale_factor is not None else "computed",
-        "scale_factor_seed": seed,
-        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "encode_seconds": round(time.time() - start, 3),
-    }
-    _write_json_atomic(os.path.join(tmp, MANIFEST), manifest)
-    # Commit: move any old cache aside, rename the new one into place, then delete the old.
-    old = None
-    if os.path.exists(final):
-      old = os.path.join(workdir, f"{CACHE_DIRNAME}.old-{uuid.uuid4().hex[:12]}")
-      os.rename(final, old)
-    os.rename(tmp, final)
-    if old:
-      shutil.rmtree(old, ignore_errors=True)
-  except BaseException:
-    shutil.rmtree(tmp, ignore_errors=True)
-    raise
-  log(f"wrote latent cache at {final} ({total} examples, latents {latent_shape} {dtype}, "
-      f"scale factor {manifest['scale_factor']:.6g}, {manifest['encode_seconds']:.1f}s)")
-  return dict(manifest, reused=False, path=final)
+  @property
+  def flipped(self) -> bool:
+    return bool(self.manifest["flipped"])
+
+  @property
+  def scale_factor(self) -> float:
+    """1 / std of the cached latents (LDM's rule); a configured scale factor takes precedence."""
+    return 1.0 / float(self.manifest["latent_std"])
+
+  def read_group(self, g: int) -> Dict[str, np.ndarray]:
+    return storage.load_npz(self.directory / self.manifest["groups"][g]["file"])
+
+  def read(self, groups: Optional[Iterable[int]] = None) -> Dict[str, np.ndarray]:
+    """The arrays of `groups` (default: all), concatenated in group order."""
+    groups = range(self.num_groups) if groups is None else list(groups)
+    parts = [self.read_group(g) for g in groups]
+    if not parts:
+      raise CacheError("no groups requested")
+    return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
 
 
-def load_latent_cache(workdir: str) -> Dict[str, Any]:
-  """Loads the cache: dict(mean, logvar, label, id, scale_factor).
-
-  mean/logvar keep their stored dtype (float32 or float16; `sample_latents` computes in float32).
-  """
-  manifest = read_manifest(workdir)
-  if manifest is None:
-    raise FileNotFoundError(f"no complete latent cache at {cache_dir(workdir)}")
-  d = cache_dir(workdir)
-  parts = {"mean": [], "logvar": [], "label": [], "id": []}
-  for s in manifest["shards"]:
-    with np.load(os.path.join(d, s["file"])) as z:
-      for k in parts:
-        parts[k].append(z[k])
-  out = {k: np.concatenate(v) for k, v in parts.items()}
-  out["scale_factor"] = float(manifest["scale_factor"])
-  return out
-
-
-def sample_latents(rng, mean, logvar, scale_factor):
-  """scale_factor * (mean + exp(logvar / 2) * eps), float32. Pure and jittable."""
+def sample_latents(rng: jax.Array, mean: jax.Array, logvar: jax.Array,
+                   scale_factor: float) -> jax.Array:
+  """scale_factor * (mean + exp(logvar / 2) * eps), float32: a fresh draw from the posterior."""
   mean = jnp.asarray(mean).astype(jnp.float32)
   logvar = jnp.asarray(logvar).astype(jnp.float32)
   eps = jax.random.normal(rng, mean.shape, jnp.float32)
   return scale_factor * (mean + jnp.exp(0.5 * logvar) * eps)
+
+
+# ----------------------------------------------------------------------------------- building
+
+
+def _example_stats(mean: np.ndarray, logvar: np.ndarray, ids: np.ndarray, seed: int) -> np.ndarray:
+  """[n, sum, sum of squares] (float64) of one posterior draw per example, seeded by (seed, id)."""
+  out = np.zeros(3, np.float64)
+  for m, lv, i in zip(mean, logvar, ids):
+    z = m.astype(np.float64) + np.exp(0.5 * lv.astype(np.float64)) * np.random.default_rng(
+        [int(seed), int(i)]).standard_normal(m.shape)
+    out += (z.size, z.sum(), np.square(z).sum())
+  return out
+
+
+def _chunked_encode(encode_fn: Callable, images: np.ndarray, chunk: int) -> tuple[np.ndarray, np.ndarray]:
+  """encode_fn over rows [0, chunk), [chunk, 2 chunk), ... of one group (last chunk padded)."""
+  n = images.shape[0]
+  pad = (-n) % chunk
+  if pad:
+    images = np.concatenate([images, np.zeros((pad,) + images.shape[1:], images.dtype)])
+  mean, logvar = encode_fn(images)
+  return np.asarray(mean, np.float32)[:n], np.asarray(logvar, np.float32)[:n]
+
+
+def _group_file(g: int, build: str) -> str:
+  return f"group-{g:05d}-{build}.npz"
+
+
+def build_cache(directory: storage.PathLike, fp: Mapping[str, Any], *, ids: np.ndarray,
+                read_images: Callable[[np.ndarray], Iterable[Mapping[str, np.ndarray]]],
+                encode_fn: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]],
+                groups: int, chunk: int, flipped: bool = False, dtype: str = "float32",
+                seed: int = 0, log: Callable[[str], None] = print) -> tuple[LatentCache, bool]:
+  """Returns (cache, reused): the matching cache in `directory`, or a new one built now.
+
+  Args:
+    directory: the cache directory (<workdir>/latents).
+    fp: the fingerprint (`fingerprint(config, autoencoder_identity)`).
+    ids: every example id of the split, ascending (the same array on every host).
+    read_images(ids) -> batches {"image" (b, H, W, C) in [-1, 1], "label", "id"} of exactly
+      those examples in id order (this host reads them itself).
+    encode_fn(images (k * chunk, H, W, C)) -> (mean, logvar) host arrays; it encodes chunks of
+      `chunk` rows independently (e.g. one chunk per local device), so an example's latent does
+      not depend on which host or batch encoded it.
+    groups: latents.groups (G = min(groups, N)); the process count must divide G.
+    flipped: also store the mirrored images' posteriors.
+    dtype: storage dtype of mean/logvar ("float32" | "float16").
+    seed: the scale-factor draws' seed.
+  """
+  d = storage.path(directory)
+  want = _normalize(fp)
+  old = LatentCache.open(d)
+  if old is not None and old.manifest.get("fingerprint") == want:
+    log(f"latents: reusing the cache at {storage.display(d)} ({old.num_examples} examples)")
+    return old, True
+  if old is not None:
+    log(f"latents: the cache at {storage.display(d)} was made from other data or another "
+        "autoencoder; rebuilding it")
+  if dtype not in _DTYPES:
+    raise CacheError(f"latents.dtype must be one of {sorted(_DTYPES)}, got {dtype!r}")
+  ids = np.asarray(ids, np.int64)
+  n = int(ids.size)
+  if n == 0:
+    raise CacheError("the training split has no examples; nothing to encode")
+  num_groups = num_groups_for(n, groups)
+  pi, pc = jax.process_index(), jax.process_count()
+  mine = _owned(num_groups, pi, pc, f"latents.groups (here {num_groups} groups)")
+  bounds = group_bounds(n, num_groups)
+  build = "%08x" % int(parallel.broadcast_from_first(
+      np.asarray(uuid.uuid4().int % (2 ** 31), np.int64)))
+  storage.makedirs(d)
+  start = time.time()
+  stats = np.zeros((num_groups, 3), np.float64)
+  np_dtype = _DTYPES[dtype]
+  latent_shape = None
+  my_ids = ids[bounds[mine.start]:bounds[mine.stop]]
+  rows: dict[str, list] = {"image": [], "label": [], "id": []}
+  g = mine.start
+  buffered = 0
+
+  def finish_group(g, batch):
+    nonlocal latent_shape
+    images = np.concatenate(batch["image"])
+    label = np.concatenate(batch["label"]).astype(np.int32)
+    gid = np.concatenate(batch["id"]).astype(np.int64)
+    if not np.array_equal(gid, ids[bounds[g]:bounds[g + 1]]):
+      raise CacheError(f"latents: the data pipeline returned other examples than group {g} "
+                       "asked for (ids out of order?)")
+    mean, logvar = _chunked_encode(encode_fn, images, chunk)
+    arrays = {"mean": mean.astype(np_dtype), "logvar": logvar.astype(np_dtype), "label": label,
+              "id": gid}
+    if flipped:
+      fm, fl = _chunked_encode(encode_fn, images[:, :, ::-1, :], chunk)
+      arrays.update(mean_flip=fm.astype(np_dtype), logvar_flip=fl.astype(np_dtype))
+    latent_shape = list(mean.shape[1:])
+    storage.write_npz(d / _group_file(g, build), **arrays)
+    stats[g] = _example_stats(mean, logvar, gid, seed)
+
+  for batch in read_images(my_ids):
+    b = len(batch["id"])
+    i = 0
+    while i < b:
+      need = int(bounds[g + 1] - bounds[g]) - buffered
+      take = min(need, b - i)
+      for k in rows:
+        rows[k].append(np.asarray(batch[k])[i:i + take])
+      buffered += take
+      i += take
+      if buffered == bounds[g + 1] - bounds[g]:
+        finish_group(g, rows)
+        rows = {k: [] for k in rows}
+        buffered = 0
+        g += 1
+  if g != mine.stop:
+    raise CacheError(f"latents: the data pipeline ended after {bounds[g] - bounds[mine.start] + buffered}"
+                     f" of this host's {len(my_ids)} examples")
+  stats = parallel.sum_over_hosts(stats)
+  shapes = parallel.broadcast_from_first(np.asarray(latent_shape or [0, 0, 0], np.int64))
+  tables = [{"file": _group_file(g, build), "num_examples": int(bounds[g + 1] - bounds[g]),
+             "first_id": int(ids[bounds[g]]), "last_id": int(ids[bounds[g + 1] - 1])}
+            for g in range(num_groups)]
+  count, total, total_sq = stats.sum(axis=0)
+  mu = total / count
+  std = math.sqrt(max(total_sq / count - mu * mu, 0.0))
+  manifest = {
+      "version": FORMAT_VERSION,
+      "fingerprint": want,
+      "num_examples": n,
+      "latent_shape": [int(s) for s in shapes],
+      "dtype": dtype,
+      "flipped": bool(flipped),
+      "groups": tables,
+      "latent_mean": float(mu),
+      "latent_std": float(std),
+      "scale_factor_seed": int(seed),
+      "build": build,
+      "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+      "encode_seconds": round(time.time() - start, 3),
+  }
+  parallel.sync("latents_groups_written")
+  if pi == 0:
+    storage.write_json(d / MANIFEST, manifest)
+    keep = {t["file"] for t in tables} | {MANIFEST}
+    for f in d.iterdir():
+      if f.name not in keep:
+        storage.remove_tree(f)
+  parallel.sync("latents_manifest_written")
+  cache = LatentCache(d, manifest)
+  log(f"latents: wrote {n} examples in {num_groups} groups to {storage.display(d)} "
+      f"(latents {tuple(manifest['latent_shape'])} {dtype}{', both orientations' if flipped else ''},"
+      f" {manifest['encode_seconds']:.1f} s)")
+  return cache, False
+
+
+# ----------------------------------------------------------------------------------- training order
+
+
+def num_lanes(num_groups: int, batch_size: int) -> int:
+  """L = gcd(G, B): the lanes a global batch is drawn from (see the module docstring)."""
+  return math.gcd(int(num_groups), int(batch_size))
+
+
+class LatentIterator:
+  """Host-local training batches from a latent cache, with an exact, O(1) resume.
+
+  Yields {"mean", "logvar"[, "label"]} (with_ids: also "id" and, with flip, "flipped") for this
+  host's rows of each global batch of
+  `batch_size` (see "Training order" in the module docstring). `kept_ids` restricts training to
+  a subset; `flip` draws one orientation per example and lane epoch from the flipped cache.
+  state() -> {"batch": b, ...}; restore(state) continues there (under any host count).
+  """
+
+  def __init__(self, cache: LatentCache, *, batch_size: int, seed: int,
+               kept_ids: Optional[np.ndarray] = None, flip: bool = False,
+               with_labels: bool = True, with_ids: bool = False,
+               process_index: Optional[int] = None,
+               process_count: Optional[int] = None):
+    pi = jax.process_index() if process_index is None else int(process_index)
+    pc = jax.process_count() if process_count is None else int(process_count)
+    if flip and not cache.flipped:
+      raise CacheError("data.random_flip is set but the latent cache holds one orientation; "
+                       "rerun --mode=encode")
+    self._batch_size, self._seed, self._flip = int(batch_size), int(seed), bool(flip)
+    self._lanes = num_lanes(cache.num_groups, batch_size)
+    if self._lanes % pc:
+      raise CacheError(
+          f"train.batch_size={batch_size} and the cache's {cache.num_groups} groups "
+          f"(latents.groups) give {self._lanes} lanes, not divisible by the {pc} processes")
+    self._rows = self._batch_size // self._lanes
+    per_lane_groups = cache.num_groups // self._lanes
+    owned = _owned(self._lanes, pi, pc, "lanes")
+    arrays = cache.read(range(owned.start * per_lane_groups, owned.stop * per_lane_groups))
+    self._keys = ["mean", "logvar", "id"] + (["label"] if with_labels else [])
+    if flip:
+      self._keys += ["mean_flip", "logvar_flip"]
+    self._with_ids = with_ids
+    keep = (np.ones(len(arrays["id"]), bool) if kept_ids is None
+            else np.isin(arrays["id"], np.asarray(kept_ids, np.int64)))
+    bounds = [0]
+    for g in range(owned.start * per_lane_groups, owned.stop * per_lane_groups):
+      bounds.append(bounds[-1] + cache.manifest["groups"][g]["num_examples"])
+    self._lane_ids = list(owned)
+    self._lane_arrays = []
+    for j, lane in enumerate(owned):
+      lo, hi = bounds[j * per_lane_groups], bounds[(j + 1) * per_lane_groups]
+      sel = np.nonzero(keep[lo:hi])[0] + lo
+      if sel.size == 0:
+        raise CacheError(f"lane {lane} of the training order has no examples left after the "
+                         "subset selection (data.subset); use fewer latents.groups")
+      self._lane_arrays.append({k: arrays[k][sel] for k in self._keys})
+    self._orders: dict[tuple[int, int], tuple[np.ndarray, np.ndarray]] = {}
+    self._batch = 0
+    self.latent_shape = cache.latent_shape
+    self.num_examples = int(keep.sum()) if pc == 1 else None
+
+  def _order(self, lane: int, epoch: int, n: int) -> tuple[np.ndarray, np.ndarray]:
+    key = (lane, epoch)
+    if key not in self._orders:
+      if len(self._orders) > 4 * len(self._lane_ids):
+        self._orders.pop(next(iter(self._orders)))
+      rng = np.random.default_rng([self._seed, self._lanes, lane, epoch])
+      self._orders[key] = (rng.permutation(n), rng.random(n) < 0.5)
+    return self._orders[key]
+
+  def _fingerprint(self) -> dict[str, int]:
+    return {"seed": self._seed, "batch_size": self._batch_size, "lanes": self._lanes}
+
+  def state(self) -> dict[str, int]:
+    return {"batch": self._batch, **self._fingerprint()}
+
+  def restore(self, state: Mapping[str, int]) -> "LatentIterator":
+    for key, value in self._fingerprint().items():
+      if key in state and int(state[key]) != value:
+        raise CacheError(f"cannot resume the training order: the checkpoint has {key}="
+                         f"{int(state[key])}, this run {value}")
+    self._batch = int(state["batch"])
+    return self
+
+  def __iter__(self):
+    return self
+
+  def __next__(self) -> dict[str, np.ndarray]:
+    parts = []
+    for lane, arrays in zip(self._lane_ids, self._lane_arrays):
+      n = len(arrays["id"])
+      pos = np.arange(self._batch * self._rows, (self._batch + 1) * self._rows)
+      epochs, offsets = np.divmod(pos, n)
+      idx = np.empty_like(pos)
+      flips = np.zeros(pos.shape, bool)
+      for e in np.unique(epochs):
+        perm, bits = self._order(lane, int(e), n)
+        sel = epochs == e
+        idx[sel] = perm[offsets[sel]]
+        flips[sel] = bits[offsets[sel]]
+      out = {k: arrays[k][idx] for k in self._keys if not k.endswith("_flip")}
+      if self._flip:
+        f = flips.reshape((-1,) + (1,) * (out["mean"].ndim - 1))
+        out["mean"] = np.where(f, arrays["mean_flip"][idx], out["mean"])
+        out["logvar"] = np.where(f, arrays["logvar_flip"][idx], out["logvar"])
+        if self._with_ids:
+          out["flipped"] = flips
+      if not self._with_ids:
+        del out["id"]
+      parts.append(out)
+    self._batch += 1
+    return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}

@@ -36,13 +36,13 @@ from absl import flags  # noqa: E402
 from absl import logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
+from lfm_jax.modes import MODES  # noqa: E402
+
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Config file (ml_collections, get_config()).",
                                 lock_config=True)
 flags.DEFINE_string("workdir", None, "Working directory (local path or gs://).")
-flags.DEFINE_enum("mode", None, ["pipeline", "autoencoder", "encode", "train", "sample",
-                                 "evaluate", "score", "stability"],
-                  "What to run; default: config.mode.")
+flags.DEFINE_enum("mode", None, list(MODES), "What to run; default: config.mode.")
 flags.mark_flags_as_required(["config", "workdir"])
 
 

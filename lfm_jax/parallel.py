@@ -1,24 +1,42 @@
-"""Mesh and sharding helpers: data parallelism with `jax.jit` over a 1-D device mesh.
+"""Devices, meshes and shardings: data parallelism and FSDP with `jax.jit` over a 2-D mesh.
 
-The mesh has one axis, "data". Batches are sharded on their leading axis over "data"; the train
-state is replicated. Multi-host (TPU pods): `maybe_initialize_distributed()` is called first thing in
-main; each host then feeds its own rows of every global batch and `host_local_to_global` assembles
-the global arrays with `jax.make_array_from_process_local_data`.
+The mesh has two named axes, ("data", "fsdp") (`config.mesh.fsdp` devices on "fsdp", the rest on
+"data"). Batches are sharded on their leading axis over both axes. Parameters, EMA and optimizer
+state are sharded along "fsdp" by one rule (`fsdp_spec`): a leaf of at least
+`FSDP_MIN_SIZE` elements is split along its largest dimension divisible by the fsdp size; smaller
+leaves, and leaves with no such dimension, are replicated. With fsdp = 1 everything is replicated
+(plain data parallelism). XLA inserts the all-gathers and reduce-scatters.
+
+Hosts: `maybe_initialize_distributed()` starts `jax.distributed` when the platform describes a
+multi-process job (first thing in a run, before any other JAX call). Each host then feeds its own
+rows of every global batch (`host_local_to_global`), or every host computes the same global batch
+and each device takes its slice (`global_from_full`); results come back to every host with
+`to_host` (never `np.asarray` on an array other hosts hold parts of).
 """
 
 import functools
+import math
 import os
 from typing import Any, Callable, Mapping, Optional
 
 from absl import logging
 import jax
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 import numpy as np
 
 DATA_AXIS = "data"
+FSDP_AXIS = "fsdp"
+BATCH_AXES = (DATA_AXIS, FSDP_AXIS)
+# Leaves smaller than this stay replicated under FSDP (biases, norms, small tables).
+FSDP_MIN_SIZE = 2 ** 14
 
 # Environment variables that say "this is one process of a multi-process job".
 _DISTRIBUTED_ENV = ("JAX_COORDINATOR_ADDRESS", "COORDINATOR_ADDRESS")
+
+
+class DistributedError(RuntimeError):
+  """jax.distributed could not start; the message says what to check."""
 
 
 def _wants_distributed(environ: Mapping[str, str]) -> bool:
@@ -39,18 +57,51 @@ def _wants_distributed(environ: Mapping[str, str]) -> bool:
   return False
 
 
-def maybe_initialize_distributed(environ: Optional[Mapping[str, str]] = None) -> bool:
+def _explicit_cluster(environ: Mapping[str, str]) -> dict[str, Any]:
+  """initialize() arguments given by environment variables (other platforms autodetect)."""
+  kw = {}
+  address = environ.get("JAX_COORDINATOR_ADDRESS") or environ.get("COORDINATOR_ADDRESS")
+  if address:
+    kw["coordinator_address"] = address
+  if environ.get("JAX_NUM_PROCESSES"):
+    kw["num_processes"] = int(environ["JAX_NUM_PROCESSES"])
+  if environ.get("JAX_PROCESS_ID"):
+    kw["process_id"] = int(environ["JAX_PROCESS_ID"])
+  return kw
+
+
+def maybe_initialize_distributed(environ: Optional[Mapping[str, str]] = None,
+                                 timeout_s: Optional[int] = None) -> bool:
   """Calls `jax.distributed.initialize()` when the platform describes a multi-process job.
 
-  Must run before any other JAX call. Triggers: LFM_JAX_DISTRIBUTED=1, JAX_COORDINATOR_ADDRESS set,
-  a TPU pod slice (TPU_WORKER_HOSTNAMES lists several hosts) or SLURM_NTASKS > 1. A plain
-  single-host run (CPU, one GPU box, a single TPU VM) is never initialised. LFM_JAX_DISTRIBUTED=0
-  forces it off. Returns True if initialised.
+  Must run before any other JAX call. Triggers: LFM_JAX_DISTRIBUTED=1, JAX_COORDINATOR_ADDRESS
+  set, a TPU pod slice (TPU_WORKER_HOSTNAMES lists several hosts) or SLURM_NTASKS > 1; a plain
+  single-host run is never initialised, and LFM_JAX_DISTRIBUTED=0 forces it off. The coordinator
+  address, process count and process id come from JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and
+  JAX_PROCESS_ID when set (TPU pods and SLURM are detected by JAX itself). A coordinator that
+  cannot be reached, or a process count that does not match the processes started, fails within
+  `timeout_s` (default $LFM_JAX_DISTRIBUTED_TIMEOUT or 60 s) with DistributedError.
+  Returns True if initialised.
   """
   environ = os.environ if environ is None else environ
   if not _wants_distributed(environ):
     return False
-  jax.distributed.initialize()
+  if jax.distributed.is_initialized():
+    return True
+  timeout_s = int(timeout_s or environ.get("LFM_JAX_DISTRIBUTED_TIMEOUT", 60))
+  kw = _explicit_cluster(environ)
+  # CPU hosts talk over gloo; the option only concerns the CPU client.
+  jax.config.update("jax_cpu_collectives_implementation", "gloo")
+  try:
+    jax.distributed.initialize(initialization_timeout=timeout_s, **kw)
+  except Exception as e:  # pylint: disable=broad-except
+    where = kw.get("coordinator_address", "the coordinator JAX detected")
+    raise DistributedError(
+        f"jax.distributed could not start within {timeout_s} s (coordinator {where}, "
+        f"{kw.get('num_processes', '?')} processes, this is process {kw.get('process_id', '?')}):"
+        f" {str(e).splitlines()[0] if str(e) else type(e).__name__}. Check that every process "
+        "runs the same command, that JAX_NUM_PROCESSES matches the processes started and that "
+        "the coordinator address is reachable.") from e
   logging.info("jax.distributed initialised: process %d of %d, %d local / %d global devices",
                jax.process_index(), jax.process_count(), jax.local_device_count(),
                jax.device_count())
@@ -58,11 +109,10 @@ def maybe_initialize_distributed(environ: Optional[Mapping[str, str]] = None) ->
 
 
 # XLA:CPU runs convolutions through YNNPACK by default in this jaxlib; its backward (input- and
-# weight-gradient) convolutions are ~2.5x slower here than XLA's own (Eigen) ones. Training
-# programs keep YNNPACK for what it does well here, dots and reductions, and leave convolutions
-# (and elementwise fusions, which pull convolutions in and slow down small models) to XLA.
-# Measured on 2 cores (benchmarks/README.md): BENCH-U step -25% on one device; the embedded
-# default's step unchanged.
+# weight-gradient) convolutions are slower than XLA's own (Eigen) ones. Training programs keep
+# YNNPACK for what it does well here, dots and reductions, and leave convolutions (and
+# elementwise fusions, which pull convolutions in and slow down small models) to XLA.
+# benchmarks/README.md has the measurements.
 _CPU_TRAIN_COMPILER_OPTIONS = {
     "xla_cpu_experimental_ynn_fusion_type":
         "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT,LIBRARY_FUSION_TYPE_REDUCE",
@@ -92,10 +142,21 @@ def train_compiler_options() -> Optional[dict]:
   return options
 
 
-def create_mesh(num_devices: Optional[int] = None) -> Mesh:
-  """A 1-D mesh with axis "data" over the first `num_devices` devices (default: all).
+# ----------------------------------------------------------------------------------- meshes
 
-  On multi-host jobs the mesh must span all devices (num_devices None or jax.device_count()).
+
+def check_fsdp(fsdp: int, num_devices: int) -> None:
+  """Raises ValueError naming config.mesh.fsdp when it does not divide the device count."""
+  if not isinstance(fsdp, int) or fsdp < 1 or num_devices % fsdp:
+    raise ValueError(f"config.mesh.fsdp: must be a positive integer dividing the "
+                     f"{num_devices} devices, got {fsdp!r}")
+
+
+def create_mesh(num_devices: Optional[int] = None, fsdp: int = 1) -> Mesh:
+  """A ("data", "fsdp") mesh over the first `num_devices` devices (default: all).
+
+  fsdp devices form the "fsdp" axis (neighbouring devices: on a TPU slice those share the fastest
+  links), num_devices // fsdp the "data" axis. On multi-host jobs the mesh spans every device.
   """
   devices = jax.devices()
   if num_devices is None:
@@ -105,7 +166,20 @@ def create_mesh(num_devices: Optional[int] = None) -> Mesh:
   if jax.process_count() > 1 and num_devices != len(devices):
     raise ValueError("On a multi-host job the mesh must use every device "
                      f"({len(devices)}), got num_devices={num_devices}")
-  return Mesh(np.asarray(devices[:num_devices]), (DATA_AXIS,))
+  check_fsdp(fsdp, num_devices)
+  grid = np.asarray(devices[:num_devices]).reshape(num_devices // fsdp, fsdp)
+  return Mesh(grid, BATCH_AXES)
+
+
+def mesh_from_config(config) -> Mesh:
+  """The mesh of a run: every device, config.mesh.fsdp of them on the "fsdp" axis."""
+  return create_mesh(fsdp=int(config.mesh.fsdp))
+
+
+def local_mesh() -> Mesh:
+  """A mesh over this process's own devices (for work each host does on its own data)."""
+  devices = np.asarray(jax.local_devices()).reshape(-1, 1)
+  return Mesh(devices, BATCH_AXES)
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
@@ -114,13 +188,46 @@ def replicated(mesh: Mesh) -> NamedSharding:
 
 
 def data_sharded(mesh: Mesh) -> NamedSharding:
-  """Sharding of an array split along its leading (batch) axis over "data"."""
-  return NamedSharding(mesh, P(DATA_AXIS))
+  """Sharding of an array split along its leading (batch) axis over every mesh axis."""
+  return NamedSharding(mesh, P(BATCH_AXES))
+
+
+def fsdp_spec(shape: tuple[int, ...], fsdp: int, min_size: int = FSDP_MIN_SIZE) -> P:
+  """The PartitionSpec of a state leaf: split along its largest dimension divisible by fsdp
+  (the last such one on ties) when it has at least min_size elements; replicated otherwise."""
+  if fsdp <= 1 or int(np.prod(shape, dtype=np.int64)) < min_size:
+    return P()
+  best = None
+  for axis, size in enumerate(shape):
+    if size % fsdp == 0 and (best is None or size >= shape[best]):
+      best = axis
+  if best is None:
+    return P()
+  spec = [None] * len(shape)
+  spec[best] = FSDP_AXIS
+  return P(*spec)
+
+
+def state_sharding(tree: Any, mesh: Mesh) -> Any:
+  """NamedShardings for every leaf of a (possibly abstract) state tree, by `fsdp_spec`."""
+  fsdp = int(mesh.shape[FSDP_AXIS])
+  return jax.tree.map(lambda x: NamedSharding(mesh, fsdp_spec(tuple(np.shape(x)), fsdp)), tree)
+
+
+def with_sharding(tree: Any, shardings: Any) -> Any:
+  """ShapeDtypeStructs of `tree` (arrays or structs) carrying the given shardings."""
+  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(np.shape(x), x.dtype, sharding=s),
+                      tree, shardings)
+
+
+def num_batch_shards(mesh: Mesh) -> int:
+  """How many pieces a batch is split into (every device holds one)."""
+  return int(mesh.devices.size)
 
 
 def local_batch_size(global_batch_size: int, mesh: Mesh) -> int:
   """Rows of each global batch this host feeds; checks divisibility by devices and hosts."""
-  n = mesh.devices.size
+  n = num_batch_shards(mesh)
   if global_batch_size % n:
     raise ValueError(f"global batch size {global_batch_size} is not divisible by the {n} devices "
                      "of the mesh")
@@ -128,7 +235,7 @@ def local_batch_size(global_batch_size: int, mesh: Mesh) -> int:
 
 
 def host_local_to_global(batch: Mapping[str, Any], mesh: Mesh) -> dict[str, jax.Array]:
-  """This host's rows (dict of numpy arrays) -> global jax arrays sharded on "data".
+  """This host's rows (dict of numpy arrays) -> global jax arrays sharded on the batch axis.
 
   Each host passes its own slice (global_batch / process_count rows); on a single host that is the
   whole batch. Returns a dict with the same keys; the leading axis of each array is the global batch.
@@ -145,9 +252,49 @@ def host_local_to_global(batch: Mapping[str, Any], mesh: Mesh) -> dict[str, jax.
   return out
 
 
+def global_from_full(x: np.ndarray, sharding: NamedSharding) -> jax.Array:
+  """A global array from a value every host holds whole (each device takes its slice)."""
+  x = np.asarray(x)
+  return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
+
+
+def to_host(x: Any) -> Any:
+  """numpy copies of (a tree of) global arrays, whole, on every host."""
+  def one(a):
+    if not isinstance(a, jax.Array) or a.is_fully_addressable:
+      return np.asarray(a)
+    return np.asarray(multihost_utils.process_allgather(a, tiled=True))
+  return jax.tree.map(one, x)
+
+
+def sync(name: str) -> None:
+  """A barrier across hosts (no-op on one host)."""
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices(name)
+
+
+def broadcast_from_first(value: np.ndarray) -> np.ndarray:
+  """process 0's value of a small numpy array, on every host."""
+  if jax.process_count() == 1:
+    return np.asarray(value)
+  return np.asarray(multihost_utils.broadcast_one_to_all(np.asarray(value)))
+
+
+def sum_over_hosts(value: np.ndarray) -> np.ndarray:
+  """The elementwise sum over hosts of a small numpy array (float64 kept), on every host."""
+  value = np.asarray(value)
+  if jax.process_count() == 1:
+    return value
+  gathered = np.asarray(multihost_utils.process_allgather(value))
+  return gathered.sum(axis=0)
+
+
 def shard_state(state: Any, mesh: Mesh) -> Any:
-  """Places every leaf of `state` replicated on the mesh (a copy; the input is left alone)."""
-  return jax.device_put(state, replicated(mesh))
+  """Places every leaf of `state` on the mesh by the FSDP rule (a copy; the input is left alone)."""
+  return jax.device_put(state, state_sharding(state, mesh))
+
+
+# ----------------------------------------------------------------------------------- reporting
 
 
 def _spec_str(sharding: Any) -> str:
@@ -159,7 +306,8 @@ def _spec_str(sharding: Any) -> str:
 def sharding_table(tree: Any, max_rows: int = 12) -> str:
   """A short text table: one row per top-level field of `tree` (or per leaf group).
 
-  Columns: field, number of arrays, number of elements, bytes, sharding spec(s), mesh.
+  Columns: field, number of arrays, number of elements, MiB (whole), MiB per device, sharding
+  spec(s), mesh.
   """
   if hasattr(tree, "__dataclass_fields__"):
     groups = [(name, getattr(tree, name)) for name in tree.__dataclass_fields__]
@@ -167,19 +315,27 @@ def sharding_table(tree: Any, max_rows: int = 12) -> str:
     groups = list(tree.items())
   else:
     groups = [("tree", tree)]
-  rows = [("field", "arrays", "elements", "MiB", "sharding", "mesh")]
+  rows = [("field", "arrays", "elements", "MiB", "MiB/device", "sharding", "mesh")]
   for name, sub in groups[:max_rows]:
     leaves = [x for x in jax.tree.leaves(sub) if hasattr(x, "shape")]
     specs, meshes = set(), set()
+    per_device = 0.0
     for x in leaves:
       sharding = getattr(x, "sharding", None)
       specs.add(_spec_str(sharding) if sharding is not None else "host")
+      nbytes = int(np.prod(x.shape)) * np.dtype(x.dtype).itemsize
       if isinstance(sharding, NamedSharding):
         meshes.add(" x ".join(f"{k}={v}" for k, v in sharding.mesh.shape.items()))
+        split = math.prod(sharding.mesh.shape[a] for s in sharding.spec if s is not None
+                          for a in ((s,) if isinstance(s, str) else s))
+        per_device += nbytes / split
+      else:
+        per_device += nbytes
     elements = sum(int(np.prod(x.shape)) for x in leaves)
     nbytes = sum(int(np.prod(x.shape)) * np.dtype(x.dtype).itemsize for x in leaves)
     rows.append((str(name), str(len(leaves)), f"{elements:,}", f"{nbytes / 2**20:.2f}",
-                 ", ".join(sorted(specs)) or "-", ", ".join(sorted(meshes)) or "-"))
+                 f"{per_device / 2**20:.2f}", ", ".join(sorted(specs)) or "-",
+                 ", ".join(sorted(meshes)) or "-"))
   widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
   lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
   lines.insert(1, "  ".join("-" * w for w in widths))

@@ -67,8 +67,17 @@ def is_adaptive(solver: str) -> bool:
   return _SOLVERS[_canonical_solver(solver)][2]
 
 
-def _solve(velocity_fn, z, args, t_start, t_end, solver, num_steps, rtol, atol, max_steps):
-  """One diffrax solve from t_start to t_end (traced). Returns (z_end, nfe)."""
+def solve(velocity_fn: VelocityFn, z: jax.Array, args: Any = None, *, solver: str,
+          num_steps: Optional[int] = None, rtol: float = 1e-5, atol: float = 1e-5,
+          max_steps: int = 4096, t_start: float = 1.0, t_end: float = 0.0
+          ) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """One diffrax solve from t_start to t_end, traceable (jit / vmap it as needed).
+
+  Returns (z(t_end), nfe, failed): nfe the velocity evaluations made (int32 scalar), failed True
+  when the adaptive solver ran out of `max_steps`. Under jax.vmap over z (and per-sample args)
+  every sample gets its own step sizes and its own nfe.
+  """
+  solver = _canonical_solver(solver)
   cls, evals_per_step, adaptive = _SOLVERS[solver]
   if args is None:
     term = diffrax.ODETerm(lambda t, y, _: velocity_fn(t, y))
@@ -94,6 +103,11 @@ def _solve(velocity_fn, z, args, t_start, t_end, solver, num_steps, rtol, atol, 
     nfe = nfe + 1  # the first-same-as-last initial stage (verified by counting in tests)
   failed = sol.result != diffrax.RESULTS.successful
   return sol.ys[0], nfe, failed
+
+
+def _solve(velocity_fn, z, args, t_start, t_end, solver, num_steps, rtol, atol, max_steps):
+  return solve(velocity_fn, z, args, solver=solver, num_steps=num_steps, rtol=rtol, atol=atol,
+               max_steps=max_steps, t_start=t_start, t_end=t_end)
 
 
 @functools.partial(
@@ -166,23 +180,57 @@ def split_steps(num_steps: Union[int, Sequence[int]], light_fraction: float) -> 
   return n_light, n - n_light
 
 
+def solve_coarse_to_fine(light_fn: VelocityFn, heavy_fn: VelocityFn, z: jax.Array,
+                         light_args: Any = None, heavy_args: Any = None, *, solver: str,
+                         t_switch: float, n_light: Optional[int] = None,
+                         n_heavy: Optional[int] = None, rtol: float = 1e-5, atol: float = 1e-5,
+                         max_steps: int = 4096):
+  """Light model from t = 1 to t_switch, heavy model from t_switch to 0; traceable.
+
+  Returns (z(0), nfe_light, nfe_heavy, failed). See `coarse_to_fine_plan` for t_switch and the
+  step split of fixed-step solvers.
+  """
+  zero = jnp.zeros((), jnp.int32)
+  nfe_light, nfe_heavy, failed = zero, zero, jnp.zeros((), bool)
+  if t_switch < 1.0:
+    z, nfe_light, f = solve(light_fn, z, light_args, solver=solver, num_steps=n_light, rtol=rtol,
+                            atol=atol, max_steps=max_steps, t_start=1.0, t_end=t_switch)
+    failed = failed | f
+  if t_switch > 0.0:
+    z, nfe_heavy, f = solve(heavy_fn, z, heavy_args, solver=solver, num_steps=n_heavy, rtol=rtol,
+                            atol=atol, max_steps=max_steps, t_start=t_switch, t_end=0.0)
+    failed = failed | f
+  return z, nfe_light, nfe_heavy, failed
+
+
 @functools.partial(
     jax.jit, static_argnames=("light_fn", "heavy_fn", "solver", "n_light", "n_heavy", "rtol", "atol",
                               "max_steps", "t_switch"))
 def _coarse_to_fine_jit(light_fn, heavy_fn, noise, light_args, heavy_args, *, solver, n_light,
                         n_heavy, rtol, atol, max_steps, t_switch):
-  z = noise
-  zero = jnp.zeros((), jnp.int32)
-  nfe_light, nfe_heavy, failed = zero, zero, jnp.zeros((), bool)
-  if t_switch < 1.0:
-    z, nfe_light, f = _solve(light_fn, z, light_args, 1.0, t_switch, solver, n_light, rtol, atol,
-                             max_steps)
-    failed = failed | f
-  if t_switch > 0.0:
-    z, nfe_heavy, f = _solve(heavy_fn, z, heavy_args, t_switch, 0.0, solver, n_heavy, rtol, atol,
-                             max_steps)
-    failed = failed | f
-  return z, nfe_light, nfe_heavy, failed
+  return solve_coarse_to_fine(light_fn, heavy_fn, noise, light_args, heavy_args, solver=solver,
+                              t_switch=t_switch, n_light=n_light, n_heavy=n_heavy, rtol=rtol,
+                              atol=atol, max_steps=max_steps)
+
+
+def coarse_to_fine_plan(solver: str, num_steps: Union[int, Sequence[int], None],
+                        light_fraction: float) -> tuple[float, Optional[int], Optional[int]]:
+  """(t_switch, n_light, n_heavy) of a light -> heavy solve (see sample_coarse_to_fine)."""
+  solver = _canonical_solver(solver)
+  if not 0.0 <= float(light_fraction) <= 1.0:
+    raise ValueError(f"light_fraction must lie in [0, 1], got {light_fraction}")
+  t_switch = 1.0 - float(light_fraction)
+  n_light = n_heavy = None
+  if not is_adaptive(solver):
+    if num_steps is None:
+      raise ValueError(f"solver {solver!r} is fixed-step and needs num_steps")
+    n_light, n_heavy = split_steps(num_steps, light_fraction)
+    if not isinstance(num_steps, (tuple, list)):
+      t_switch = 1.0 - n_light / int(num_steps)
+    if t_switch < 1.0 and n_light < 1 or t_switch > 0.0 and n_heavy < 1:
+      raise ValueError(f"split of num_steps={num_steps} at light_fraction={light_fraction} leaves "
+                       f"a segment with no steps ({n_light}, {n_heavy})")
+  return t_switch, n_light, n_heavy
 
 
 def sample_coarse_to_fine(
@@ -215,19 +263,7 @@ def sample_coarse_to_fine(
     (z, info) with info["nfe_light"], info["nfe_heavy"], info["nfe"] (their sum), info["t_switch"].
   """
   solver = _canonical_solver(solver)
-  if not 0.0 <= float(light_fraction) <= 1.0:
-    raise ValueError(f"light_fraction must lie in [0, 1], got {light_fraction}")
-  t_switch = 1.0 - float(light_fraction)
-  n_light = n_heavy = None
-  if not is_adaptive(solver):
-    if num_steps is None:
-      raise ValueError(f"solver {solver!r} is fixed-step and needs num_steps")
-    n_light, n_heavy = split_steps(num_steps, light_fraction)
-    if not isinstance(num_steps, (tuple, list)):
-      t_switch = 1.0 - n_light / int(num_steps)
-    if t_switch < 1.0 and n_light < 1 or t_switch > 0.0 and n_heavy < 1:
-      raise ValueError(f"split of num_steps={num_steps} at light_fraction={light_fraction} leaves "
-                       f"a segment with no steps ({n_light}, {n_heavy})")
+  t_switch, n_light, n_heavy = coarse_to_fine_plan(solver, num_steps, light_fraction)
   z, nfe_light, nfe_heavy, failed = _coarse_to_fine_jit(
       light_fn, heavy_fn, noise, light_args, heavy_args, solver=solver, n_light=n_light,
       n_heavy=n_heavy, rtol=float(rtol), atol=float(atol), max_steps=int(max_steps),

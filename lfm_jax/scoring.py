@@ -46,6 +46,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from lfm_jax import flow
+from lfm_jax import storage
 
 # velocity_fn(params, t (B,), z (B, h, w, c), y (B,) or None) -> v (B, h, w, c)
 VelocityFn = Callable[[Any, jax.Array, jax.Array, Optional[jax.Array]], jax.Array]
@@ -595,20 +596,19 @@ def save_scores(path, ids, scores, clusters=None, *, criterion: str = "",
     if clusters.shape != ids.shape:
       raise ValueError(f"clusters {clusters.shape} must match ids {ids.shape}")
     arrays["clusters"] = clusters[order]
-  with open(path, "wb") as f:
-    np.savez(f, **arrays)
+  storage.write_npz(path, **arrays)
 
 
 def load_scores(path) -> dict[str, Any]:
   """Reads a scores file: {"ids", "scores", "clusters" (or None), "criterion", "meta" (dict)}."""
-  with np.load(path, allow_pickle=False) as d:
-    return {
-        "ids": d["ids"].astype(np.int64),
-        "scores": d["scores"].astype(np.float64),
-        "clusters": d["clusters"].astype(np.int32) if "clusters" in d.files else None,
-        "criterion": str(d["criterion"]) if "criterion" in d.files else "",
-        "meta": json.loads(str(d["meta"])) if "meta" in d.files else {},
-    }
+  d = storage.load_npz(path)
+  return {
+      "ids": d["ids"].astype(np.int64),
+      "scores": d["scores"].astype(np.float64),
+      "clusters": d["clusters"].astype(np.int32) if "clusters" in d else None,
+      "criterion": str(d["criterion"]) if "criterion" in d else "",
+      "meta": json.loads(str(d["meta"])) if "meta" in d else {},
+  }
 
 
 # ---------------------------------------------------------------------------------------------

@@ -237,17 +237,23 @@ def local_copy(p: PathLike) -> Iterator[str]:
     yield target
 
 
-def check_writable(p: PathLike) -> None:
-  """Creates directory p and proves a file can be written and removed there; StorageError else."""
+def _write_probe(p: epath.Path) -> None:
+  probe = p / f".lfm_jax_write_probe-{uuid.uuid4().hex[:8]}"
+  probe.write_bytes(b"")
+  probe.unlink()
+
+
+def check_writable(p: PathLike, what: str = "directory") -> None:
+  """Creates directory p and proves a file can be written and removed there; StorageError
+  ("cannot create <what> ..." / "<what> ... is not writable") otherwise."""
   p = path(p)
   try:
-    makedirs(p)
-  except StorageError as e:
-    raise StorageError(str(e).replace("cannot create directory", "cannot create")) from e
-  probe = p / f".lfm_jax_write_probe-{uuid.uuid4().hex[:8]}"
-  try:
-    probe.write_bytes(b"")
-    probe.unlink()
+    p.mkdir(parents=True, exist_ok=True)
   except Exception as e:  # pylint: disable=broad-except
-    raise StorageError(f"{display(p)} is not writable: "
-                       f"{getattr(e, 'strerror', None) or str(e).splitlines()[0]}") from e
+    raise StorageError(f"cannot create {what} {display(p)}: "
+                       f"{getattr(e, 'strerror', None) or (str(e).splitlines() or [''])[0]}") from e
+  try:
+    _write_probe(p)
+  except Exception as e:  # pylint: disable=broad-except
+    raise StorageError(f"{what} {display(p)} is not writable: "
+                       f"{getattr(e, 'strerror', None) or (str(e).splitlines() or [''])[0]}") from e

@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 
 from lfm_jax import autoencoder_train
-from lfm_jax import train_utils
+from lfm_jax import writers
+from helpers import tree_max_abs_diff
 
 
 def _digits_16():
@@ -51,16 +52,14 @@ def trained(tmp_path_factory):
 
 
 def test_reconstruction_improves(trained):
-  text = "\n".join(trained["printed"])
-  assert "Autoencoder state shardings" in text
-  line = [l for l in trained["printed"] if l.startswith("Autoencoder held-out PSNR")][0]
-  before = float(line.split(": ")[1].split(" dB")[0])
+  line = [l for l in trained["printed"] if l.startswith("autoencoder: held-out PSNR")][0]
+  before = float(line.split("PSNR ")[1].split(" dB")[0])
   after = autoencoder_train.evaluate_psnr(trained["module"], trained["params"],
                                           trained["eval_images"])
   print(f"PSNR before {before:.2f} dB, after {after:.2f} dB")
   assert after > before + 6.0, (before, after)
   assert after > 17.0, after
-  records = train_utils.read_jsonl(os.path.join(trained["workdir"], "autoencoder", "metrics.jsonl"))
+  records = writers.read_jsonl(os.path.join(trained["workdir"], "autoencoder", "metrics.jsonl"))
   recon = [r["recon_loss"] for r in records if "recon_loss" in r]
   assert recon[-1] < recon[0]
   assert [r["eval_psnr"] for r in records if "eval_psnr" in r][-1] == pytest.approx(after, abs=1e-3)
@@ -71,7 +70,7 @@ def test_checkpoint_resumes_to_the_same_params(trained):
   module, params = autoencoder_train.train_autoencoder(
       _config(), trained["workdir"], _digits_16()[:1500], eval_images=trained["eval_images"],
       export=False, print_fn=lambda s: None)
-  assert train_utils.tree_max_abs_diff(params, trained["params"]) == 0.0
+  assert tree_max_abs_diff(params, trained["params"]) == 0.0
 
 
 def test_exported_weights_load_like_pretrained(trained):

@@ -11,7 +11,7 @@ import pytest
 
 from lfm_jax import checkpoint as ckpt_lib
 from lfm_jax import parallel
-from lfm_jax import train_utils
+from helpers import tree_max_abs_diff
 from lfm_jax.train import TrainState
 
 
@@ -55,7 +55,7 @@ def test_round_trip_against_abstract_target(saved):
   assert input_state == {"batch": 7, "seed": 0}
   assert got_meta["step"] == 7 and got_meta["fingerprint"] == "x"
   assert type(restored.opt_state[0]).__name__ == "ScaleByAdamState"  # not a list
-  assert train_utils.tree_max_abs_diff(restored, state) == 0.0
+  assert tree_max_abs_diff(restored, state) == 0.0
   assert restored.params["dense"]["kernel"].sharding.spec == jax.sharding.PartitionSpec()
 
 

@@ -9,8 +9,11 @@ import time
 import numpy as np
 import pytest
 
+from lfm_jax import artifacts
+from lfm_jax import latents
 from lfm_jax import main as main_lib
 from lfm_jax import stages
+from lfm_jax import workdir as workdir_lib
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(REPO, "configs"))
@@ -57,17 +60,30 @@ def data_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def pipeline_run(tmp_path_factory, data_dir):
+  """`--mode=train` on a fresh workdir (it trains the autoencoder and encodes first), then the
+  pipeline on the same workdir (it reuses those and samples, evaluates, exports)."""
+  import contextlib, io  # pylint: disable=g-import-not-at-top,multiple-imports
   workdir = str(tmp_path_factory.mktemp("pipeline"))
   t0 = time.time()
+  out = io.StringIO()
+  with contextlib.redirect_stdout(out):
+    stages.run(tiny_config(data_dir, mode="train"), workdir)
   results = stages.run(tiny_config(data_dir), workdir)
-  return workdir, results, time.time() - t0
+  return workdir, results, time.time() - t0, out.getvalue()
+
+
+def test_train_on_a_fresh_workdir_runs_what_it_needs(pipeline_run):
+  out = pipeline_run[3]
+  assert "autoencoder: training 30 steps" in out
+  assert "encode: encoding lfm_digits train" in out
+  assert out.index("autoencoder: training") < out.index("encode:") < out.index("train: 20 steps")
 
 
 def test_pipeline_writes_everything(pipeline_run):
-  workdir, results, seconds = pipeline_run
+  workdir, results, seconds, _ = pipeline_run
   print(f"tiny pipeline: {seconds:.1f} s")
   for path in ["config.json", "metrics.jsonl", "autoencoder/diffusers/config.json",
-               "latents/manifest.json", "eval/metrics.json"]:
+               "latents/manifest.json", "eval/metrics.json", "export/lfm_jax_export.json"]:
     assert os.path.exists(os.path.join(workdir, path)), path
   assert os.path.isfile(results["sample"]["grid"])
   assert any(f.startswith("events.out.tfevents") for f in os.listdir(workdir))
@@ -82,14 +98,14 @@ def test_pipeline_writes_everything(pipeline_run):
 
 
 def test_second_run_reuses_every_stage(pipeline_run, data_dir, capsys):
-  workdir, _, first = pipeline_run
+  workdir, _, first, _ = pipeline_run
   capsys.readouterr()
   t0 = time.time()
   stages.run(tiny_config(data_dir), workdir)
   second = time.time() - t0
   out = capsys.readouterr().out
   assert "autoencoder: reusing" in out
-  assert "reusing latent cache" in out
+  assert "latents: reusing the cache" in out
   assert "train: reusing the finished model" in out
   assert "reusing the digits classifier" in out
   print(f"first run {first:.1f} s, second {second:.1f} s")
@@ -97,22 +113,21 @@ def test_second_run_reuses_every_stage(pipeline_run, data_dir, capsys):
 
 
 def test_training_continues_from_last_checkpoint(pipeline_run, data_dir, capsys):
-  workdir, _, _ = pipeline_run
+  workdir = pipeline_run[0]
   capsys.readouterr()
   stages.run(tiny_config(data_dir, mode="train", **{"train.num_steps": 30}), workdir)
   out = capsys.readouterr().out
   assert "resuming at step 20" in out
-  assert stages._latest_step(os.path.join(workdir, "checkpoints")) == 30
+  assert workdir_lib.Workdir(workdir).latest_step() == 30
 
 
 def test_sample_mode_with_coarse_to_fine_and_score_and_stability(pipeline_run, data_dir, tmp_path):
-  workdir, _, _ = pipeline_run
+  workdir = pipeline_run[0]
   # A light model of another width, trained in its own workdir on the same autoencoder: it is
-  # built from its own config.json.
+  # built from its own checkpoint's metadata.
   light = str(tmp_path / "light")
   light_kw = {"autoencoder.pretrained": os.path.join(workdir, "autoencoder", "diffusers"),
               "model.model_channels": 8, "train.num_steps": 10}
-  stages.run(tiny_config(data_dir, mode="encode", **light_kw), light)
   stages.run(tiny_config(data_dir, mode="train", **light_kw), light)
   cfg = tiny_config(data_dir, mode="sample", **{"coarse_to_fine.light_workdir": light,
                                                "coarse_to_fine.light_fraction": 0.5})
@@ -147,16 +162,21 @@ def test_unwritable_workdir(tmp_path, data_dir, monkeypatch):
   blocker.write_text("x")
   with pytest.raises(stages.UserError, match="cannot create workdir"):
     stages.run(tiny_config(data_dir), str(blocker / "sub"))
-  monkeypatch.setattr(os, "access", lambda *a, **k: False)  # root ignores chmod: simulate it
-  with pytest.raises(stages.UserError, match="not writable"):
+  from lfm_jax import storage  # pylint: disable=g-import-not-at-top
+
+  def denied(path):
+    raise PermissionError(13, "Permission denied")
+  monkeypatch.setattr(storage, "_write_probe", denied)  # root ignores chmod: simulate it
+  with pytest.raises(stages.UserError, match=f"workdir {tmp_path} is not writable: Permission"):
     stages.run(tiny_config(data_dir), str(tmp_path))
 
 
 def test_missing_prerequisites(tmp_path, data_dir):
-  with pytest.raises(stages.UserError, match="run --mode=train first"):
-    stages.run(tiny_config(data_dir, mode="sample"), str(tmp_path))
-  with pytest.raises(stages.UserError, match="run --mode=encode first"):
-    stages.run(tiny_config(data_dir, mode="train"), str(tmp_path))
+  for mode in ("sample", "evaluate", "export"):
+    with pytest.raises(stages.UserError, match="run --mode=train first"):
+      stages.run(tiny_config(data_dir, mode=mode), str(tmp_path))
+  with pytest.raises(stages.UserError, match="config.stability.other_workdir"):
+    stages.run(tiny_config(data_dir, mode="stability"), str(tmp_path))
 
 
 def test_missing_data_set_offline_fails_fast(tmp_path):
@@ -208,9 +228,8 @@ def test_imported_pytorch_checkpoint_samples_and_fine_tunes(pipeline_run, data_d
   """model.init_from: a network exported to the guided-diffusion layout and imported back samples
   exactly like the original, and `train` fine-tunes from it (issue 10)."""
   from lfm_jax import weights
-  workdir, _, _ = pipeline_run
-  cfg = tiny_config(data_dir)
-  original = stages.load_flow_model(cfg, workdir)
+  workdir = pipeline_run[0]
+  original = artifacts.load_flow_model(workdir)
   path = str(tmp_path / "model_0001.safetensors")
   weights.export_velocity_checkpoint(original.module, original.params, path)
   ae = os.path.join(workdir, "autoencoder", "diffusers")
@@ -223,9 +242,8 @@ def test_imported_pytorch_checkpoint_samples_and_fine_tunes(pipeline_run, data_d
   theirs = np.load(os.path.join(other, "samples", "samples_euler_g1.5.npz"))["images"]
   np.testing.assert_allclose(theirs, ours, atol=1e-4)
   assert imported["nfe"] == 8
-  stages.run(tiny_config(data_dir, mode="encode", **common), other)
   stages.run(tiny_config(data_dir, mode="train", **common, **{"train.num_steps": 10}), other)
-  assert stages._latest_step(os.path.join(other, "checkpoints")) == 10
+  assert workdir_lib.Workdir(other).latest_step() == 10
 
 
 def test_imported_edm_dhariwal_checkpoint_samples(pipeline_run, data_dir, tmp_path):
@@ -234,7 +252,7 @@ def test_imported_edm_dhariwal_checkpoint_samples(pipeline_run, data_dir, tmp_pa
   import jax  # pylint: disable=g-import-not-at-top
   from lfm_jax import weights  # pylint: disable=g-import-not-at-top
   from lfm_jax.models.unet import UNet  # pylint: disable=g-import-not-at-top
-  workdir, _, _ = pipeline_run
+  workdir = pipeline_run[0]
   module = UNet(model_channels=16, channel_mult=(1, 2), num_res_blocks=1,
                 attention_semantics="resolution", num_head_channels=64, resblock_updown=True,
                 mid_attention=False, num_classes=10, learn_null_class=False,
@@ -245,8 +263,7 @@ def test_imported_edm_dhariwal_checkpoint_samples(pipeline_run, data_dir, tmp_pa
   params = jax.tree_util.tree_map(lambda s: 0.05 * rng.randn(*s.shape).astype(np.float32), shapes)
   path = str(tmp_path / "edm_adm.pt")
   weights.export_velocity_checkpoint(module, params, path, layout="edm_dhariwal", latent_size=4)
-  with open(os.path.join(workdir, "latents", "manifest.json")) as f:
-    scale = json.load(f)["scale_factor"]
+  scale = latents.LatentCache.open(os.path.join(workdir, "latents")).scale_factor
   other = str(tmp_path / "imported_edm")
   result = stages.run(tiny_config(data_dir, mode="sample", **{
       "model.init_from": path, "autoencoder.scale_factor": scale,

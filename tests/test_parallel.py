@@ -11,10 +11,30 @@ from lfm_jax import parallel
 
 def test_create_mesh():
   mesh = parallel.create_mesh()
-  assert mesh.axis_names == ("data",) and mesh.devices.size == jax.device_count() == 8
+  assert mesh.axis_names == ("data", "fsdp") and mesh.devices.size == jax.device_count() == 8
+  assert dict(mesh.shape) == {"data": 8, "fsdp": 1}
+  assert dict(parallel.create_mesh(fsdp=4).shape) == {"data": 2, "fsdp": 4}
   assert parallel.create_mesh(2).devices.size == 2
   with pytest.raises(ValueError, match="num_devices=9"):
     parallel.create_mesh(9)
+  with pytest.raises(ValueError, match=r"config\.mesh\.fsdp"):
+    parallel.create_mesh(fsdp=3)
+
+
+def test_fsdp_rule():
+  """The largest dimension divisible by the fsdp size is split; small leaves stay whole."""
+  assert parallel.fsdp_spec((3, 3, 64, 128), 4) == P(None, None, None, "fsdp")
+  assert parallel.fsdp_spec((1152, 4608), 8) == P(None, "fsdp")
+  assert parallel.fsdp_spec((4608, 1152), 8) == P("fsdp", None)
+  assert parallel.fsdp_spec((1000, 33), 8) == P("fsdp", None)
+  assert parallel.fsdp_spec((1001, 33), 8) == P()  # no dimension divisible by 8
+  assert parallel.fsdp_spec((128,), 8) == P()  # small: replicated
+  assert parallel.fsdp_spec((4096, 4096), 1) == P()
+  mesh = parallel.create_mesh(fsdp=8)
+  sharded = parallel.shard_state({"w": jnp.ones((256, 128)), "b": jnp.zeros(128)}, mesh)
+  assert sharded["w"].sharding.spec == P("fsdp", None)
+  assert sharded["w"].addressable_shards[0].data.shape == (32, 128)
+  assert sharded["b"].sharding.spec == P()
 
 
 def test_host_local_to_global_shards_the_batch():
@@ -22,7 +42,7 @@ def test_host_local_to_global_shards_the_batch():
   batch = {"latent": np.arange(16 * 3, dtype=np.float32).reshape(16, 3),
            "label": np.arange(16, dtype=np.int32)}
   out = parallel.host_local_to_global(batch, mesh)
-  assert out["latent"].shape == (16, 3) and out["latent"].sharding.spec == P("data")
+  assert out["latent"].shape == (16, 3) and out["latent"].sharding.spec == P(("data", "fsdp"))
   assert len(out["latent"].addressable_shards) == 8
   assert out["latent"].addressable_shards[1].data.shape == (2, 3)
   np.testing.assert_array_equal(np.asarray(out["label"]), batch["label"])
@@ -41,9 +61,9 @@ def test_shard_state_and_table():
   text = parallel.print_shardings(sharded, print_fn=lines.append,
                                   batch_sharding=parallel.data_sharded(mesh))
   assert lines == [text]
-  assert "params" in text and "replicated" in text and "data=8" in text
+  assert "params" in text and "replicated" in text and "data=8 x fsdp=1" in text
   assert "20" in text  # 16 + 4 elements
-  assert "batch: PartitionSpec('data',)" in text
+  assert "batch: PartitionSpec(('data', 'fsdp'),)" in text
 
 
 def test_distributed_only_when_the_platform_asks():

@@ -105,10 +105,19 @@ def sample_fn(ema_params, step):
   return np.tanh(np.resize(leaf, (4, 8, 8, 1)))
 
 
-def _run(workdir, **kw):
+def array_data(latents, config):
+  from lfm_jax import input_pipeline  # pylint: disable=g-import-not-at-top
+  return input_pipeline.ArrayIterator(latents, batch_size=int(config.train.batch_size),
+                                      seed=int(config.seed))
+
+
+def _run(workdir, data=None, **kw):
   from lfm_jax import train  # pylint: disable=g-import-not-at-top
   config = kw.pop("config", None) or tiny_config()
-  return train.train_and_evaluate(config, workdir, model=model_for(config), **kw)
+  latents = kw.pop("latents", None)
+  if data is None:
+    data = array_data(latents, config)
+  return train.train_and_evaluate(config, workdir, data, model=model_for(config), **kw)
 
 
 def _host(tree):
@@ -116,17 +125,17 @@ def _host(tree):
 
 
 def _losses(workdir):
-  from lfm_jax import train_utils  # pylint: disable=g-import-not-at-top
+  from lfm_jax import writers  # pylint: disable=g-import-not-at-top
   out = {}
-  for r in train_utils.read_jsonl(os.path.join(workdir, "metrics.jsonl")):
+  for r in writers.read_jsonl(os.path.join(workdir, "metrics.jsonl")):
     if "loss" in r:
       out[r["step"]] = r["loss"]
   return out
 
 
 def _max_diff(a, b):
-  from lfm_jax import train_utils  # pylint: disable=g-import-not-at-top
-  return train_utils.tree_max_abs_diff(_host(a), _host(b))
+  from helpers import tree_max_abs_diff  # pylint: disable=g-import-not-at-top
+  return tree_max_abs_diff(_host(a), _host(b))
 
 
 if __name__ == "__main__":
@@ -136,11 +145,9 @@ if __name__ == "__main__":
   from lfm_jax import train as _train  # pylint: disable=g-import-not-at-top
   _workdir, _sleep = sys.argv[1], float(sys.argv[2])
   _config = tiny_config()
-  from lfm_jax import train_utils as _tu  # pylint: disable=g-import-not-at-top
-  _it = _tu.make_array_iterator(make_latents(), _config.train.batch_size, _config.seed)
-  _train.train_and_evaluate(_config, _workdir, model=model_for(_config),
-                            train_iter=SlowIterator(_it, _sleep), latent_shape=LATENT_SHAPE,
-                            sample_fn=sample_fn)
+  _train.train_and_evaluate(_config, _workdir, SlowIterator(array_data(make_latents(), _config),
+                                                            _sleep),
+                            model=model_for(_config), sample_fn=sample_fn)
   print("EXITED CLEANLY", flush=True)
   sys.exit(0)
 
@@ -149,24 +156,29 @@ import pytest  # noqa: E402  pylint: disable=g-import-not-at-top,wrong-import-po
 
 from lfm_jax import checkpoint as ckpt_lib  # noqa: E402
 from lfm_jax import parallel  # noqa: E402
+from lfm_jax import optim  # noqa: E402
 from lfm_jax import train  # noqa: E402
-from lfm_jax import train_utils  # noqa: E402
+from lfm_jax import trainer  # noqa: E402
+from lfm_jax import writers  # noqa: E402
+from helpers import tree_max_abs_diff  # noqa: E402
 
 
 @pytest.fixture(scope="module")
 def straight(tmp_path_factory):
   """One uninterrupted run of NUM_STEPS steps (reference for resume, logs, shardings)."""
   workdir = str(tmp_path_factory.mktemp("straight"))
-  printed = []
-  state = _run(workdir, latents=make_latents(), sample_fn=sample_fn, print_fn=printed.append)
-  return {"workdir": workdir, "state": _host(state), "printed": printed}
+  import contextlib, io  # pylint: disable=g-import-not-at-top,multiple-imports
+  out = io.StringIO()
+  with contextlib.redirect_stdout(out):
+    state = _run(workdir, latents=make_latents(), sample_fn=sample_fn)
+  return {"workdir": workdir, "state": _host(state), "printed": out.getvalue().splitlines()}
 
 
 def test_mesh_equivalence_8_vs_1_device():
   config = tiny_config()
   config.train.grad_clip_norm = 0.0
   model = model_for(config)
-  tx, schedule = train_utils.create_optimizer(config.train)
+  tx, schedule = optim.create_optimizer(config.train)
   data = make_latents(n=80)
   finals = []
   for n in (8, 1):
@@ -180,10 +192,10 @@ def test_mesh_equivalence_8_vs_1_device():
     assert bool(metrics["finite"])
     assert state.params["conv_in"]["kernel"].sharding.mesh.devices.size == n
     finals.append(_host(state))
-  diff = train_utils.tree_max_abs_diff(finals[0].params, finals[1].params)
+  diff = tree_max_abs_diff(finals[0].params, finals[1].params)
   print(f"mesh 8 vs 1 device, 5 steps: max |params diff| = {diff:.3g}")
   assert diff < 1e-5, diff
-  assert train_utils.tree_max_abs_diff(finals[0].ema_params, finals[1].ema_params) < 1e-5
+  assert tree_max_abs_diff(finals[0].ema_params, finals[1].ema_params) < 1e-5
 
 
 def test_grad_accumulation_and_bf16_run():
@@ -191,7 +203,7 @@ def test_grad_accumulation_and_bf16_run():
   config.train.grad_accum_steps = 2
   config.train.compute_dtype = "bfloat16"
   model = model_for(config)
-  tx, schedule = train_utils.create_optimizer(config.train)
+  tx, schedule = optim.create_optimizer(config.train)
   mesh = parallel.create_mesh()
   state = train.create_train_state(jax.random.PRNGKey(0), model, config, LATENT_SHAPE, tx=tx,
                                    mesh=mesh)
@@ -216,16 +228,19 @@ def test_posterior_batch_samples_fresh_latents():
 
 def test_shardings_table_printed_at_startup(straight):
   text = "\n".join(straight["printed"])
-  assert "Train state shardings" in text
+  assert "train state shardings" in text
   for field in ("params", "ema_params", "opt_state", "step", "rng"):
     assert field in text
-  assert "replicated" in text and "data=8" in text
-  assert "PartitionSpec('data',)" in text  # the batch line
+  assert "replicated" in text and "data=8 x fsdp=1" in text
+  assert "PartitionSpec(('data', 'fsdp'),)" in text  # the batch line
+  # One progress line per log interval, with steps/s and ETA (and nothing else per interval).
+  lines = [l for l in straight["printed"] if "train: step" in l]
+  assert len(lines) == NUM_STEPS and all("steps/s, ETA" in l for l in lines), lines
 
 
 def test_logs_and_sample_grid(straight):
   workdir = straight["workdir"]
-  records = train_utils.read_jsonl(os.path.join(workdir, "metrics.jsonl"))
+  records = writers.read_jsonl(os.path.join(workdir, "metrics.jsonl"))
   keys = set().union(*[r.keys() for r in records])
   for k in ("loss", "learning_rate", "grad_norm", "steps_per_sec"):
     assert k in keys, keys
@@ -278,7 +293,7 @@ def test_exact_resume_after_real_sigterm(straight, tmp_path):
       if proc.poll() is not None:
         break
       if os.path.exists(metrics_path) and any(
-          r.get("step", 0) >= 2 and "loss" in r for r in train_utils.read_jsonl(metrics_path)):
+          r.get("step", 0) >= 2 and "loss" in r for r in writers.read_jsonl(metrics_path)):
         break
       time.sleep(0.1)
     assert proc.poll() is None, "training finished before SIGTERM:\n" + proc.stdout.read()
@@ -359,9 +374,9 @@ class NaNAt:
     return self
 
   def __next__(self):
+    step = self._it.state()["batch"] + 1  # the step this batch feeds (peeks do not count)
     batch = dict(next(self._it))
-    self._n += 1
-    if self._n == self._at:
+    if step == self._at:
       batch["latent"] = batch["latent"].copy()
       batch["latent"][0, 0, 0, 0] = np.nan
     return batch
@@ -378,9 +393,9 @@ def test_nan_in_data_stops_with_step(tmp_path):
   config = tiny_config()
   config.train.checkpoint_every = 2
   config.train.log_every = 2
-  it = NaNAt(train_utils.make_array_iterator(make_latents(), 16, config.seed), at=3)
-  with pytest.raises(train_utils.NonFiniteError, match=r"training step 3\b") as err:
-    _run(workdir, config=config, train_iter=it, latent_shape=LATENT_SHAPE)
+  it = NaNAt(array_data(make_latents(), config), at=3)
+  with pytest.raises(trainer.NonFiniteError, match=r"training step 3\b") as err:
+    _run(workdir, it, config=config)
   assert err.value.step == 3
   assert "step 2" in str(err.value)  # the last good checkpoint is named
   ck = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"))
@@ -399,10 +414,9 @@ def test_default_model_is_the_unet(tmp_path):
   config.model.mid_attention = False
   config.train.num_steps = 2
   config.train.checkpoint_every = 0
-  state = train.train_and_evaluate(config, str(tmp_path), latents=make_latents(),
-                                   print_fn=lambda s: None)
+  state = train.train_and_evaluate(config, str(tmp_path), array_data(make_latents(), config))
   assert int(state.step) == 2
-  assert any("loss" in r for r in train_utils.read_jsonl(str(tmp_path / "metrics.jsonl")))
+  assert any("loss" in r for r in writers.read_jsonl(str(tmp_path / "metrics.jsonl")))
 
 
 def _ynn_convolutions(hlo_text):
@@ -420,7 +434,7 @@ def test_train_compiler_options_keep_the_numbers():
   assert opts and "xla_cpu_experimental_ynn_fusion_type" in opts  # the tests run on CPU
   config = tiny_config()
   model = model_for(config)
-  tx, schedule = train_utils.create_optimizer(config.train)
+  tx, schedule = optim.create_optimizer(config.train)
   mesh = parallel.create_mesh(2)
   raw = train.make_train_step(model, config, tx, schedule, mesh=mesh)
   batch = parallel.host_local_to_global({k: v[:16] for k, v in make_latents(16).items()}, mesh)
@@ -432,7 +446,7 @@ def test_train_compiler_options_keep_the_numbers():
     for _ in range(3):
       state, _ = step(state, batch)
     finals.append(_host(state).params)
-  assert train_utils.tree_max_abs_diff(finals[0], finals[1]) < 1e-5
+  assert tree_max_abs_diff(finals[0], finals[1]) < 1e-5
   # What the options change: a 64-channel conv's gradients leave YNNPACK (XLA's own are faster).
   conv_grad = jax.jit(jax.grad(lambda x, w: jnp.sum(jax.lax.conv_general_dilated(
       x, w, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")) ** 2), argnums=(0, 1)))
