@@ -48,7 +48,7 @@ setuptools.setup(
     name="lfm_jax",
     version="0.1.0",
     description="Latent flow matching in JAX/Flax: train, sample (diffrax), evaluate, exploit stability.",
-    packages=setuptools.find_packages(include=["lfm_jax", "lfm_jax.*"]),
+    packages=setuptools.find_packages(include=["lfm_jax", "lfm_jax.*", "configs"]),
     python_requires=">=3.10",
     install_requires=INSTALL_REQUIRES,
     extras_require=EXTRAS,

@@ -15,14 +15,7 @@ Paths to weights the user downloads are placeholders under `pretrained/`; overri
 command line, e.g. `--config.autoencoder.pretrained=/data/sd-vae-ft-mse`.
 """
 
-import os
-import sys
-
-_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if _ROOT not in sys.path:  # `configs` importable whatever the working directory
-  sys.path.insert(0, _ROOT)
-
-from configs import default as default_lib  # noqa: E402
+from configs import default as default_lib
 
 # Placeholder paths: where the README tells users to put downloaded weights.
 SD_VAE = "pretrained/sd-vae-ft-mse"  # diffusers dir of stabilityai/sd-vae-ft-mse

@@ -12,13 +12,7 @@ official checkpoint: epoch 480).
       --config.data.manual_dir=/data/celeba_hq
 """
 
-import os
-import sys
-
-_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if _ROOT not in sys.path:  # `configs` importable from any working directory
-  sys.path.insert(0, _ROOT)
-from configs import _paper  # noqa: E402
+from configs import _paper
 
 EPOCHS = 500
 PAPER_FID = 5.67

@@ -7,13 +7,7 @@ batch 32 on 1 GPU, 500 epochs of 27,000 images (= 421,500 steps), AdamW lr 2e-4 
 Sampling: Dopri5, atol = rtol = 1e-5. FID 5.26 (50k samples; official checkpoint epoch 475).
 """
 
-import os
-import sys
-
-_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if _ROOT not in sys.path:  # `configs` importable from any working directory
-  sys.path.insert(0, _ROOT)
-from configs import _paper  # noqa: E402
+from configs import _paper
 
 EPOCHS = 500
 PAPER_FID = 5.26

@@ -16,13 +16,7 @@ Conditioning keys the data pipeline still needs (see the report on issue 8): a m
 and a "task" switch; `model.extra_in_channels = 5` already makes the network 9-channel.
 """
 
-import os
-import sys
-
-_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if _ROOT not in sys.path:  # `configs` importable from any working directory
-  sys.path.insert(0, _ROOT)
-from configs import _paper  # noqa: E402
+from configs import _paper
 
 EPOCHS = 500
 PAPER_FID = None  # see docstring

@@ -8,13 +8,7 @@ of 27,000 images (= 562,000 steps), AdamW lr 2e-5 constant, no EMA.
 Sampling: Dopri5, atol = rtol = 1e-5. FID 6.35 (50k samples; official checkpoint epoch 425).
 """
 
-import os
-import sys
-
-_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if _ROOT not in sys.path:  # `configs` importable from any working directory
-  sys.path.insert(0, _ROOT)
-from configs import _paper  # noqa: E402
+from configs import _paper
 
 EPOCHS = 1000
 PAPER_FID = 6.35

@@ -15,13 +15,7 @@ Needs (not yet in configs/default.py): a CelebAMask-HQ tfds builder ("celebamask
 `model.extra_in_channels = 4` describes the 4 conditioning channels the encoder produces.
 """
 
-import os
-import sys
-
-_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if _ROOT not in sys.path:  # `configs` importable from any working directory
-  sys.path.insert(0, _ROOT)
-from configs import _paper  # noqa: E402
+from configs import _paper
 
 EPOCHS = 175
 PAPER_FID = None  # see docstring

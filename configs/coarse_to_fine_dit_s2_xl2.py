@@ -17,13 +17,7 @@ needs config keys that do not exist yet (see the issue 8 report).
 Reported [uncertain, secondary source]: 2.15x speed-up at comparable outputs.
 """
 
-import os
-import sys
-
-_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if _ROOT not in sys.path:  # `configs` importable from any working directory
-  sys.path.insert(0, _ROOT)
-from configs import _paper  # noqa: E402
+from configs import _paper
 
 STAGES = ("heavy", "light", "sample")
 LIGHT_WORKDIR = "runs/c2f_light_dit_s2"  # placeholder; override on the command line

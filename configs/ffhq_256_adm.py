@@ -7,13 +7,7 @@ model_channels 256, channel_mult (1, 2, 3, 4), 2 res blocks, attention at latent
 Sampling: Dopri5, atol = rtol = 1e-5. FID 6.12 (50k samples; official checkpoint epoch 325).
 """
 
-import os
-import sys
-
-_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if _ROOT not in sys.path:  # `configs` importable from any working directory
-  sys.path.insert(0, _ROOT)
-from configs import _paper  # noqa: E402
+from configs import _paper
 
 EPOCHS = 500
 PAPER_FID = 6.12

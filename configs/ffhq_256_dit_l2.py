@@ -6,13 +6,7 @@ AdamW lr 2e-4 with per-epoch cosine decay to 1e-5 (no `--no_lr_decay` in this ru
 Sampling: Dopri5, atol = rtol = 1e-5. FID 4.55 (50k samples; official checkpoint epoch 475).
 """
 
-import os
-import sys
-
-_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if _ROOT not in sys.path:  # `configs` importable from any working directory
-  sys.path.insert(0, _ROOT)
-from configs import _paper  # noqa: E402
+from configs import _paper
 
 EPOCHS = 500
 PAPER_FID = 4.55

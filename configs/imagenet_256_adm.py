@@ -9,13 +9,7 @@ Sampling: Dopri5, atol = rtol = 1e-5, CFG scale 1.25. FID 8.58 (50k samples; off
 checkpoint epoch 1125).
 """
 
-import os
-import sys
-
-_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if _ROOT not in sys.path:  # `configs` importable from any working directory
-  sys.path.insert(0, _ROOT)
-from configs import _paper  # noqa: E402
+from configs import _paper
 
 EPOCHS = 1200
 PAPER_FID = 8.58

@@ -8,13 +8,7 @@ Sampling: Dopri5, atol = rtol = 1e-5, CFG scale 1.5 (v = v_u + 1.5 (v_c - v_u)).
 FID 4.46 (50k samples; official checkpoint epoch 875).
 """
 
-import os
-import sys
-
-_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if _ROOT not in sys.path:  # `configs` importable from any working directory
-  sys.path.insert(0, _ROOT)
-from configs import _paper  # noqa: E402
+from configs import _paper
 
 EPOCHS = 1000
 PAPER_FID = 4.46

@@ -7,13 +7,7 @@ images (= 468,500 steps), AdamW lr 1e-5 constant, fp32, no EMA.
 Sampling: Dopri5, atol = rtol = 1e-5. FID 7.05 (50k samples; official checkpoint epoch 425).
 """
 
-import os
-import sys
-
-_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if _ROOT not in sys.path:  # `configs` importable from any working directory
-  sys.path.insert(0, _ROOT)
-from configs import _paper  # noqa: E402
+from configs import _paper
 
 EPOCHS = 500
 PAPER_FID = 7.05

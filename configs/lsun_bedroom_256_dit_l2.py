@@ -6,13 +6,7 @@ DiT-L/2 unconditional; batch 32 on 1 GPU, 600 epochs of the first 120,000 bedroo
 Sampling: Dopri5, atol = rtol = 1e-5. FID 4.92 (50k samples; official checkpoint epoch 550).
 """
 
-import os
-import sys
-
-_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if _ROOT not in sys.path:  # `configs` importable from any working directory
-  sys.path.insert(0, _ROOT)
-from configs import _paper  # noqa: E402
+from configs import _paper
 
 EPOCHS = 600
 PAPER_FID = 4.92

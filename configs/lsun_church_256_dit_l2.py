@@ -6,13 +6,7 @@ church_outdoor images (= 750,000 steps), AdamW lr 1e-4 constant, fp32, no EMA.
 Sampling: Dopri5, atol = rtol = 1e-5. FID 5.54 (50k samples; official checkpoint epoch 575).
 """
 
-import os
-import sys
-
-_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if _ROOT not in sys.path:  # `configs` importable from any working directory
-  sys.path.insert(0, _ROOT)
-from configs import _paper  # noqa: E402
+from configs import _paper
 
 EPOCHS = 600
 PAPER_FID = 5.54

@@ -26,13 +26,7 @@ Reported [uncertain, secondary source]: pruning 50% of CelebA-HQ with balanced c
 improves FID; 75% of ImageNet can be pruned; same-seed outputs stay near-identical.
 """
 
-import os
-import sys
-
-_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if _ROOT not in sys.path:  # `configs` importable from any working directory
-  sys.path.insert(0, _ROOT)
-from configs import _paper  # noqa: E402
+from configs import _paper
 
 CRITERIA = ("loss", "gradient", "cluster", "random", "kcenter", "herding")
 RATIOS = (0.5, 0.75)  # the paper's pruning ratios (others are accepted)
