@@ -23,7 +23,6 @@ import json
 from typing import Any, Callable, Mapping, Optional, Sequence
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from lfm_jax import parallel
@@ -46,7 +45,7 @@ class FeatureCollector:
 
   def __init__(self, extractor, want_logits: bool = False):
     self.extractor = extractor
-    self.want_logits = want_logits and hasattr(extractor, "features_and_logits")
+    self.want_logits = want_logits and getattr(extractor, "has_logits", False)
     self.stats = fid.FeatureStats(extractor.dim)
     self._features: list[np.ndarray] = []
     self._logits: list[np.ndarray] = []

@@ -21,7 +21,6 @@ Others (e.g. an autoencoder-latent extractor) are added with
 wrapping any function with `CallableFeatureExtractor(name, dim, fn)`.
 """
 
-import os
 import time
 from typing import Callable, Dict, Optional, Sequence
 
@@ -29,6 +28,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from lfm_jax import storage
 
 INCEPTION_WEIGHTS_HINT = (
     "FID needs pytorch-fid's InceptionV3 weights, pt_inception-2015-12-05-6726825d.pth "
@@ -120,29 +121,46 @@ class InceptionFeatureExtractor(FeatureExtractor):
   dim = 2048
 
   def __init__(self, weights_path: Optional[str], quantize: bool = True):
-    if not weights_path or not os.path.isfile(os.fspath(weights_path)):
+    if not weights_path or not storage.path(weights_path).is_file():
       where = f" (not found: {weights_path})" if weights_path else ""
       raise FeatureExtractorUnavailable(f"Inception features unavailable{where}. "
                                         + INCEPTION_WEIGHTS_HINT)
-    from lfm_jax.converters.inception import load_inception
+    from lfm_jax.converters import inception as converter
+    from lfm_jax.converters.common import WeightConversionError
     from lfm_jax.models.inception import images_to_uint8_range
 
-    module, variables = load_inception(weights_path)
+    try:  # pool3 and the 1008-way logits (Inception Score) in one pass
+      module, variables = converter.load_inception_with_logits(weights_path)
+      self.has_logits = True
+    except WeightConversionError:  # a file without the fc layer: pool3 only
+      module, variables = converter.load_inception(weights_path)
+      self.has_logits = False
     self.module = module
     self.variables = jax.tree_util.tree_map(jnp.asarray, variables)
     self.quantize = quantize
+    self.identity = storage.file_identity(weights_path)
 
     @jax.jit
     def fn(variables, images):  # weights are an argument, not ~90 MB of baked-in constants
-      return module.apply(variables, images_to_uint8_range(images, quantize=quantize))
+      out = module.apply(variables, images_to_uint8_range(images, quantize=quantize))
+      if isinstance(out, dict):
+        return out["pool3"], out["logits_unbiased"]
+      return out, None
 
     self._fn = fn
 
-  def __call__(self, images):
+  def _check(self, images):
     images = jnp.asarray(images, jnp.float32)
     if images.ndim != 4 or images.shape[-1] not in (1, 3):
       raise ValueError(f"expected (B, H, W, 1 or 3) images in [-1, 1], got {images.shape}")
-    return self._fn(self.variables, images)
+    return images
+
+  def __call__(self, images):
+    return self._fn(self.variables, self._check(images))[0]
+
+  def features_and_logits(self, images):
+    """(pool3 (B, 2048), logits_unbiased (B, 1008)): what FID and the Inception Score read."""
+    return self._fn(self.variables, self._check(images))
 
 
 def _inception_factory(weights_path: Optional[str] = None, inception_weights: Optional[str] = None,
@@ -177,6 +195,7 @@ class DigitsClassifier(FeatureExtractor):
   """Penultimate-layer features and class predictions of a trained `DigitsCNN`."""
 
   name = "digits_classifier"
+  has_logits = True
 
   def __init__(self, params, image_shape: Sequence[int], num_classes: int = 10,
                channels: Sequence[int] = (32, 64), feature_dim: int = 128):
@@ -225,24 +244,19 @@ class DigitsClassifier(FeatureExtractor):
 
     flat = traverse_util.flatten_dict(jax.device_get(self.params), sep="/")
     arrays = {f"params/{k}": np.asarray(v) for k, v in flat.items()}
-    d = os.path.dirname(os.fspath(path))
-    if d:
-      os.makedirs(d, exist_ok=True)
-    tmp = os.fspath(path) + ".tmp"
-    with open(tmp, "wb") as f:
-      np.savez(f, image_shape=np.array(self.image_shape), num_classes=np.array(self.num_classes),
-               channels=np.array(self.channels), feature_dim=np.array(self.dim), **arrays)
-    os.replace(tmp, path)
+    storage.write_npz(path, image_shape=np.array(self.image_shape),
+                      num_classes=np.array(self.num_classes), channels=np.array(self.channels),
+                      feature_dim=np.array(self.dim), **arrays)
 
   @classmethod
   def load(cls, path: str) -> "DigitsClassifier":
     from flax import traverse_util
 
-    with np.load(os.fspath(path)) as f:
-      flat = {k[len("params/"):]: np.asarray(f[k]) for k in f.files if k.startswith("params/")}
-      return cls(traverse_util.unflatten_dict(flat, sep="/"), image_shape=f["image_shape"],
-                 num_classes=int(f["num_classes"]), channels=f["channels"],
-                 feature_dim=int(f["feature_dim"]))
+    f = storage.load_npz(path)
+    flat = {k[len("params/"):]: np.asarray(v) for k, v in f.items() if k.startswith("params/")}
+    return cls(traverse_util.unflatten_dict(flat, sep="/"), image_shape=f["image_shape"],
+               num_classes=int(f["num_classes"]), channels=f["channels"],
+               feature_dim=int(f["feature_dim"]))
 
 
 def _shift_augment(rng, x, max_shift: int):
@@ -321,7 +335,7 @@ def train_digits_classifier(images, labels, *, num_classes: int = 10, num_steps:
 
 def digits_classifier_cache_path(cache_dir: str, image_shape: Sequence[int]) -> str:
   h, w, c = (int(s) for s in image_shape)
-  return os.path.join(os.fspath(cache_dir), f"digits_classifier_{h}x{w}x{c}.npz")
+  return storage.path(cache_dir) / f"digits_classifier_{h}x{w}x{c}.npz"
 
 
 def _digits_factory(path: Optional[str] = None, cache_dir: Optional[str] = None,
@@ -334,7 +348,7 @@ def _digits_factory(path: Optional[str] = None, cache_dir: Optional[str] = None,
         None if train_images is None else np.shape(train_images)[1:])
     if shape is not None:
       path = digits_classifier_cache_path(cache_dir, shape)
-  if path is not None and os.path.isfile(path):
+  if path is not None and storage.exists(path):
     return DigitsClassifier.load(path)
   if train_images is None or train_labels is None:
     raise FeatureExtractorUnavailable(

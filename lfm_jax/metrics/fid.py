@@ -11,10 +11,11 @@ With any other feature extractor call the number by its extractor's name ("fd_<n
 The .npz format (`save_stats` / `load_stats`) is pytorch-fid's and LFM's: keys `mu`, `sigma`.
 """
 
-import os
 from typing import Optional, Tuple
 
 import numpy as np
+
+from lfm_jax import storage
 
 
 class FeatureStats:
@@ -175,21 +176,17 @@ def save_stats(path: str, mu, sigma, **extra) -> None:
 
   `extra` arrays (e.g. n=...) are stored beside them; readers of the format ignore them.
   """
-  path = os.fspath(path)
-  d = os.path.dirname(path)
-  if d:
-    os.makedirs(d, exist_ok=True)
-  with open(path, "wb") as f:  # a file object: np.savez does not append ".npz"
-    np.savez(f, mu=np.asarray(mu, np.float64), sigma=np.asarray(sigma, np.float64), **extra)
+  storage.write_npz(path, mu=np.asarray(mu, np.float64), sigma=np.asarray(sigma, np.float64),
+                    **extra)
 
 
 def load_stats(path: str) -> Tuple[np.ndarray, np.ndarray]:
   """Reads an .npz with keys `mu` and `sigma` (pytorch-fid's format) -> (mu, sigma) float64."""
-  with np.load(os.fspath(path)) as f:
-    missing = [k for k in ("mu", "sigma") if k not in f.files]
-    if missing:
-      raise KeyError(f"{path}: statistics file lacks {missing} (has {f.files})")
-    return np.asarray(f["mu"], np.float64), np.asarray(f["sigma"], np.float64)
+  f = storage.load_npz(path)
+  missing = [k for k in ("mu", "sigma") if k not in f]
+  if missing:
+    raise KeyError(f"{path}: statistics file lacks {missing} (has {sorted(f)})")
+  return np.asarray(f["mu"], np.float64), np.asarray(f["sigma"], np.float64)
 
 
 def save_feature_stats(path: str, stats: FeatureStats) -> None:
@@ -200,14 +197,14 @@ def save_feature_stats(path: str, stats: FeatureStats) -> None:
 
 def load_feature_stats(path: str) -> Optional[FeatureStats]:
   """Restores the sums written by `save_feature_stats`; None for a plain mu/sigma file."""
-  with np.load(os.fspath(path)) as f:
-    if not all(k in f.files for k in ("n", "sum", "sum_outer")):
-      return None
-    s = FeatureStats(f["sum"].shape[0])
-    s.n = int(f["n"])
-    s.sum = np.asarray(f["sum"], np.float64).copy()
-    s.sum_outer = np.asarray(f["sum_outer"], np.float64).copy()
-    return s
+  f = storage.load_npz(path)
+  if not all(k in f for k in ("n", "sum", "sum_outer")):
+    return None
+  s = FeatureStats(f["sum"].shape[0])
+  s.n = int(f["n"])
+  s.sum = np.asarray(f["sum"], np.float64).copy()
+  s.sum_outer = np.asarray(f["sum_outer"], np.float64).copy()
+  return s
 
 
 __all__ = ("FeatureStats", "allgather_stats", "frechet_distance", "frechet_distance_from_stats",
