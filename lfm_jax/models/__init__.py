@@ -1,4 +1,4 @@
-"""Velocity networks: `create_model(config.model, latent_shape)` builds a U-Net or a DiT.
+"""Velocity networks: `create_model(config.model, latent_shape, dtype=...)` builds a U-Net or a DiT.
 
 Both take `(x, t, y=None, cond=None, train=False)` (NHWC latents, raw t in [0, 1] in LFM's
 convention: t = 0 data, t = 1 noise) and return the velocity with x's shape.
@@ -6,6 +6,10 @@ convention: t = 0 data, t = 1 noise) and return the velocity with x's shape.
 `model.time_convention = "sit"` wraps the network so that a model trained in SiT's convention
 (t = 0 noise, t = 1 data) is seen by the rest of the code in LFM's convention:
 v_LFM(x, t) = -v_SiT(x, 1 - t).
+
+Accelerator knobs: `dtype` (create_model's keyword; float32 default, bfloat16 for mixed
+precision with float32 params), `model.remat` (rematerialised blocks, layers.REMAT_CHOICES) and
+`model.attention_implementation` (None/"xla"/"cudnn", passed to jax.nn.dot_product_attention).
 """
 
 from typing import Any, Optional, Sequence
@@ -15,10 +19,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lfm_jax.models.layers import ATTENTION_IMPLEMENTATIONS, REMAT_CHOICES, remat_policy
 from lfm_jax.models.unet import UNet
 
 __all__ = ["UNet", "DiT", "SiTConventionWrapper", "create_model", "count_params",
-           "DIT_PRESETS", "dit_config", "unwrap"]
+           "DIT_PRESETS", "dit_config", "unwrap", "with_compute_options", "REMAT_CHOICES",
+           "ATTENTION_IMPLEMENTATIONS"]
 
 
 def __getattr__(name):
@@ -66,10 +72,35 @@ def _ints(value) -> tuple:
   return tuple(int(v) for v in value)
 
 
-def _build(model_config, latent_shape=None) -> nn.Module:
+def _compute_options(model_config, dtype) -> dict:
+  """dtype, remat and attention_implementation of a network, checked (one-line ValueErrors)."""
+  remat = _get(model_config, "remat", "none") or "none"  # model_config None: the defaults
+  remat_policy(remat)  # a bad name fails here, before any trace
+  attention = _get(model_config, "attention_implementation", None)
+  if attention not in ATTENTION_IMPLEMENTATIONS:
+    raise ValueError(f"model.attention_implementation must be one of "
+                     f"{list(ATTENTION_IMPLEMENTATIONS)}, got {attention!r}")
+  return dict(dtype=dtype, remat=remat, attention_implementation=attention)
+
+
+def with_compute_options(module: nn.Module, model_config=None, *,
+                         dtype: Any = jnp.float32) -> nn.Module:
+  """`module` (a UNet or DiT, possibly time-convention wrapped) with the dtype, `model.remat`
+  and `model.attention_implementation` of `model_config` (None: no remat, default attention).
+
+  For networks not built by create_model (an imported checkpoint's module); the parameter tree
+  is unchanged.
+  """
+  if isinstance(module, SiTConventionWrapper):
+    return module.clone(inner=with_compute_options(module.inner, model_config, dtype=dtype))
+  return module.clone(**_compute_options(model_config, dtype))
+
+
+def _build(model_config, latent_shape=None, dtype=jnp.float32) -> nn.Module:
   name = _get(model_config, "name", "unet")
   num_classes = int(_get(model_config, "num_classes", 0) or 0)
   extra = int(_get(model_config, "extra_in_channels", 0) or 0)
+  accel = _compute_options(model_config, dtype)
   if name == "unet":
     return UNet(
         model_channels=int(_get(model_config, "model_channels", 128)),
@@ -91,6 +122,7 @@ def _build(model_config, latent_shape=None) -> nn.Module:
         norm_num_groups=int(_get(model_config, "norm_num_groups", 32)),
         norm_min_channels_per_group=int(_get(model_config, "norm_min_channels_per_group", 0)
                                         or 0),
+        **accel,
     )
   if name == "dit":
     from lfm_jax.models.dit import DiT, dit_config
@@ -107,21 +139,26 @@ def _build(model_config, latent_shape=None) -> nn.Module:
     if missing:
       raise ValueError(f"model.dit_preset is not set and DiT keys are missing: "
                        f"{['model.' + k for k in missing]}")
-    return DiT(num_classes=num_classes, extra_in_channels=extra, **kw)
+    return DiT(num_classes=num_classes, extra_in_channels=extra, **kw, **accel)
   raise ValueError(f"model.name must be 'unet' or 'dit', got {name!r}")
 
 
-def create_model(model_config, latent_shape: Optional[Sequence[int]] = None) -> nn.Module:
+def create_model(model_config, latent_shape: Optional[Sequence[int]] = None, *,
+                 dtype: Any = jnp.float32) -> nn.Module:
   """Builds the velocity network described by `config.model` (an ml_collections ConfigDict).
 
   latent_shape (H, W, C) is only used for validation (DiT needs H, W divisible by the patch).
+  dtype: the compute dtype of activations, matmuls and convolutions (jnp.float32 or
+  jnp.bfloat16); parameters are float32 either way, normalisations and softmax run in float32,
+  and the network returns float32.
   Keys read beyond configs/default.py (all optional, `.get` with defaults): dit_preset
   ("S/2", ... "XL/8"), hidden_size, depth, patch_size, mlp_ratio (override the preset; without
   a preset num_heads is read too), time_convention ("lfm" | "sit"), learn_null_class,
   mid_attention, use_new_attention_order, num_heads_upsample, norm_num_groups,
-  norm_min_channels_per_group.
+  norm_min_channels_per_group, remat ("none" | "blocks" | a jax.checkpoint_policies name; a bad
+  name is a ValueError here), attention_implementation (None | "xla" | "cudnn").
   """
-  module = _build(model_config, latent_shape)
+  module = _build(model_config, latent_shape, dtype)
   if latent_shape is not None and _get(model_config, "name", "unet") == "dit":
     p = module.patch_size
     if latent_shape[0] % p or latent_shape[1] % p:

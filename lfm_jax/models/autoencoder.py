@@ -11,6 +11,10 @@ parameters as a normal conv (numerically the same operation). The downsampler ma
 LDM exactly: zero-pad right and bottom by one, then a 3x3 stride-2 VALID conv; on small maps it is
 computed as strided patch extraction (space-to-depth) + a dense layer. Upsampling is nearest x2 then
 a 3x3 conv, as in diffusers.
+
+Precision: `dtype` (default float32) is the compute dtype of activations and convolutions;
+parameters are float32 whatever it is; GroupNorm statistics and the mid-block attention's
+softmax are computed in float32; `encode` and `decode` return float32.
 """
 
 from typing import Any, Optional, Sequence, Tuple
@@ -19,7 +23,7 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from lfm_jax.models.layers import GroupNorm
+from lfm_jax.models.layers import GroupNorm, dot_product_attention
 
 Array = jax.Array
 
@@ -108,35 +112,39 @@ class ResnetBlock(nn.Module):
   out_channels: int
   groups: int
   small_map_threshold: int = SMALL_MAP_THRESHOLD
+  dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x):
-    t = self.small_map_threshold
+    t, dt = self.small_map_threshold, self.dtype
     h = _group_norm(self.groups, "norm1")(x, silu=True)
-    h = Conv(self.out_channels, 3, small_map_threshold=t, name="conv1")(h)
+    h = Conv(self.out_channels, 3, small_map_threshold=t, dtype=dt, name="conv1")(h)
     h = _group_norm(self.groups, "norm2")(h, silu=True)
-    h = Conv(self.out_channels, 3, small_map_threshold=t, name="conv2")(h)
+    h = Conv(self.out_channels, 3, small_map_threshold=t, dtype=dt, name="conv2")(h)
     if x.shape[-1] != self.out_channels:
-      x = Conv(self.out_channels, 1, name="conv_shortcut")(x)
-    return x + h
+      x = Conv(self.out_channels, 1, dtype=dt, name="conv_shortcut")(x)
+    return x.astype(h.dtype) + h
 
 
 class Attention(nn.Module):
-  """Single-head spatial self-attention with residual (diffusers' mid-block Attention)."""
+  """Single-head spatial self-attention with residual (diffusers' mid-block Attention).
+
+  Attention through `layers.dot_product_attention` on (B, HW, 1, C), scale 1/sqrt(C).
+  """
   groups: int
+  dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x):
     b, h, w, c = x.shape
     y = _group_norm(self.groups, "group_norm")(x).reshape(b, h * w, c)
-    q = nn.Dense(c, name="to_q")(y)
-    k = nn.Dense(c, name="to_k")(y)
-    v = nn.Dense(c, name="to_v")(y)
-    logits = jnp.einsum("bqc,bkc->bqk", q, k) * (c ** -0.5)
-    a = jax.nn.softmax(logits, axis=-1)
-    o = jnp.einsum("bqk,bkc->bqc", a, v)
-    o = nn.Dense(c, name="to_out_0")(o)
-    return x + o.reshape(b, h, w, c)
+    q = nn.Dense(c, dtype=self.dtype, name="to_q")(y)
+    k = nn.Dense(c, dtype=self.dtype, name="to_k")(y)
+    v = nn.Dense(c, dtype=self.dtype, name="to_v")(y)
+    heads = lambda a: a.reshape(b, h * w, 1, c)
+    o = dot_product_attention(heads(q), heads(k), heads(v), scale=c ** -0.5)
+    o = nn.Dense(c, dtype=self.dtype, name="to_out_0")(o.reshape(b, h * w, c))
+    return x.astype(o.dtype) + o.reshape(b, h, w, c)
 
 
 class MidBlock(nn.Module):
@@ -144,14 +152,15 @@ class MidBlock(nn.Module):
   groups: int
   attention: bool = True
   small_map_threshold: int = SMALL_MAP_THRESHOLD
+  dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x):
-    t = self.small_map_threshold
-    x = ResnetBlock(self.channels, self.groups, t, name="resnets_0")(x)
+    t, dt = self.small_map_threshold, self.dtype
+    x = ResnetBlock(self.channels, self.groups, t, dt, name="resnets_0")(x)
     if self.attention:
-      x = Attention(self.groups, name="attentions_0")(x)
-    return ResnetBlock(self.channels, self.groups, t, name="resnets_1")(x)
+      x = Attention(self.groups, dt, name="attentions_0")(x)
+    return ResnetBlock(self.channels, self.groups, t, dt, name="resnets_1")(x)
 
 
 class _Sampler(nn.Module):
@@ -159,14 +168,16 @@ class _Sampler(nn.Module):
   channels: int
   up: bool
   small_map_threshold: int = SMALL_MAP_THRESHOLD
+  dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x):
-    t = self.small_map_threshold
+    t, dt = self.small_map_threshold, self.dtype
     if self.up:
       x = jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
-      return Conv(self.channels, 3, small_map_threshold=t, name="conv")(x)
-    return Conv(self.channels, 3, stride=2, padding="down", small_map_threshold=t, name="conv")(x)
+      return Conv(self.channels, 3, small_map_threshold=t, dtype=dt, name="conv")(x)
+    return Conv(self.channels, 3, stride=2, padding="down", small_map_threshold=t, dtype=dt,
+                name="conv")(x)
 
 
 class _Block(nn.Module):
@@ -176,16 +187,17 @@ class _Block(nn.Module):
   groups: int
   resample: Optional[str]  # None | "down" | "up"
   small_map_threshold: int = SMALL_MAP_THRESHOLD
+  dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x):
-    t = self.small_map_threshold
+    t, dt = self.small_map_threshold, self.dtype
     for j in range(self.num_layers):
-      x = ResnetBlock(self.out_channels, self.groups, t, name=f"resnets_{j}")(x)
+      x = ResnetBlock(self.out_channels, self.groups, t, dt, name=f"resnets_{j}")(x)
     if self.resample == "down":
-      x = _Sampler(self.out_channels, False, t, name="downsamplers_0")(x)
+      x = _Sampler(self.out_channels, False, t, dt, name="downsamplers_0")(x)
     elif self.resample == "up":
-      x = _Sampler(self.out_channels, True, t, name="upsamplers_0")(x)
+      x = _Sampler(self.out_channels, True, t, dt, name="upsamplers_0")(x)
     return x
 
 
@@ -196,19 +208,20 @@ class Encoder(nn.Module):
   groups: int
   attention: bool
   small_map_threshold: int = SMALL_MAP_THRESHOLD
+  dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x):
-    t = self.small_map_threshold
+    t, dt = self.small_map_threshold, self.dtype
     chans = tuple(self.block_out_channels)
-    x = Conv(chans[0], 3, small_map_threshold=t, name="conv_in")(x)
+    x = Conv(chans[0], 3, small_map_threshold=t, dtype=dt, name="conv_in")(x)
     for i, c in enumerate(chans):
       last = i == len(chans) - 1
-      x = _Block(c, self.layers_per_block, self.groups, None if last else "down", t,
+      x = _Block(c, self.layers_per_block, self.groups, None if last else "down", t, dt,
                  name=f"down_blocks_{i}")(x)
-    x = MidBlock(chans[-1], self.groups, self.attention, t, name="mid_block")(x)
+    x = MidBlock(chans[-1], self.groups, self.attention, t, dt, name="mid_block")(x)
     x = _group_norm(self.groups, "conv_norm_out")(x, silu=True)
-    return Conv(self.out_channels, 3, small_map_threshold=t, name="conv_out")(x)
+    return Conv(self.out_channels, 3, small_map_threshold=t, dtype=dt, name="conv_out")(x)
 
 
 class Decoder(nn.Module):
@@ -218,19 +231,20 @@ class Decoder(nn.Module):
   groups: int
   attention: bool
   small_map_threshold: int = SMALL_MAP_THRESHOLD
+  dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, z):
-    t = self.small_map_threshold
+    t, dt = self.small_map_threshold, self.dtype
     rev = tuple(reversed(tuple(self.block_out_channels)))
-    x = Conv(rev[0], 3, small_map_threshold=t, name="conv_in")(z)
-    x = MidBlock(rev[0], self.groups, self.attention, t, name="mid_block")(x)
+    x = Conv(rev[0], 3, small_map_threshold=t, dtype=dt, name="conv_in")(z)
+    x = MidBlock(rev[0], self.groups, self.attention, t, dt, name="mid_block")(x)
     for i, c in enumerate(rev):
       last = i == len(rev) - 1
-      x = _Block(c, self.layers_per_block + 1, self.groups, None if last else "up", t,
+      x = _Block(c, self.layers_per_block + 1, self.groups, None if last else "up", t, dt,
                  name=f"up_blocks_{i}")(x)
     x = _group_norm(self.groups, "conv_norm_out")(x, silu=True)
-    return Conv(self.out_channels, 3, small_map_threshold=t, name="conv_out")(x)
+    return Conv(self.out_channels, 3, small_map_threshold=t, dtype=dt, name="conv_out")(x)
 
 
 def sample_posterior(rng: Array, mean: Array, logvar: Array) -> Array:
@@ -254,6 +268,7 @@ class AutoencoderKL(nn.Module):
     encode(x) -> (mean, logvar)      x: (B, H, W, in_channels) in [-1, 1]; logvar in [-30, 20]
     decode(z) -> x                   z: (B, H/f, W/f, latent_channels), unscaled latent
     __call__(x, rng=None, sample_posterior=None) -> (reconstruction, mean, logvar)
+  Outputs are float32; `dtype` is the compute dtype (params stay float32).
   """
   in_channels: int = 3
   out_channels: int = 3
@@ -265,14 +280,17 @@ class AutoencoderKL(nn.Module):
   use_quant_conv: bool = True
   use_post_quant_conv: bool = True
   small_map_threshold: int = SMALL_MAP_THRESHOLD
+  dtype: Any = jnp.float32  # compute dtype; params stay float32
 
   @classmethod
   def from_config(cls, ae_config, in_channels: Optional[int] = None,
-                  out_channels: Optional[int] = None, **overrides) -> "AutoencoderKL":
+                  out_channels: Optional[int] = None, *, dtype: Any = jnp.float32,
+                  **overrides) -> "AutoencoderKL":
     """Builds the module from `config.autoencoder` (configs/default.py).
 
     The image channel count is not an autoencoder key in the schema: pass `in_channels`
     (normally `config.data.channels`), else `ae_config.in_channels` if present, else 3.
+    dtype: the compute dtype (jnp.float32 or jnp.bfloat16); parameters stay float32.
     """
     get = ae_config.get if hasattr(ae_config, "get") else lambda k, d=None: getattr(ae_config, k, d)
     if in_channels is None:
@@ -287,6 +305,7 @@ class AutoencoderKL(nn.Module):
         latent_channels=int(get("latent_channels")),
         norm_num_groups=int(get("norm_num_groups")),
         mid_block_attention=bool(get("attention", True)),
+        dtype=dtype,
     )
     kwargs.update(overrides)
     return cls(**kwargs)
@@ -296,28 +315,29 @@ class AutoencoderKL(nn.Module):
     return 2 ** (len(self.block_out_channels) - 1)
 
   def setup(self):
-    t = self.small_map_threshold
+    t, dt = self.small_map_threshold, self.dtype
     self.encoder = Encoder(tuple(self.block_out_channels), self.layers_per_block,
                            2 * self.latent_channels, self.norm_num_groups,
-                           self.mid_block_attention, t)
+                           self.mid_block_attention, t, dt)
     self.decoder = Decoder(tuple(self.block_out_channels), self.layers_per_block,
-                           self.out_channels, self.norm_num_groups, self.mid_block_attention, t)
+                           self.out_channels, self.norm_num_groups, self.mid_block_attention, t,
+                           dt)
     if self.use_quant_conv:
-      self.quant_conv = Conv(2 * self.latent_channels, 1)
+      self.quant_conv = Conv(2 * self.latent_channels, 1, dtype=dt)
     if self.use_post_quant_conv:
-      self.post_quant_conv = Conv(self.latent_channels, 1)
+      self.post_quant_conv = Conv(self.latent_channels, 1, dtype=dt)
 
   def encode(self, x: Array) -> Tuple[Array, Array]:
     h = self.encoder(x)
     if self.use_quant_conv:
       h = self.quant_conv(h)
-    mean, logvar = jnp.split(h, 2, axis=-1)
+    mean, logvar = jnp.split(h.astype(jnp.float32), 2, axis=-1)
     return mean, jnp.clip(logvar, LOGVAR_MIN, LOGVAR_MAX)
 
   def decode(self, z: Array) -> Array:
     if self.use_post_quant_conv:
       z = self.post_quant_conv(z)
-    return self.decoder(z)
+    return self.decoder(z).astype(jnp.float32)
 
   def __call__(self, x: Array, rng: Optional[Array] = None,
                sample_posterior: Optional[bool] = None):

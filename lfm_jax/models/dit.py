@@ -12,15 +12,22 @@ Labels: the table has num_classes + 1 rows, the last (index num_classes) is the 
 facebook's LabelEmbedder with class dropout > 0. num_classes = 0 gives a one-row table (only the
 null label: an unconditional model). LFM's unconditional checkpoints use num_classes = 1
 (two rows; y=None -> row 1, the null row), which converts to num_classes = 1 here.
+
+Precision: `dtype` (default float32) is the compute dtype of activations and matmuls (the
+token stream included); parameters are float32 whatever it is; LayerNorm and the attention
+softmax are computed in float32; the output is float32. `remat` ("none", "blocks" or a
+`jax.checkpoint_policies` name) rematerialises every DiT block in the backward pass with the
+same parameter tree.
 """
 
-from typing import Any
+from typing import Any, Optional
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from lfm_jax.models.layers import broadcast_time, sincos_pos_embed_2d, timestep_embedding
+from lfm_jax.models.layers import (broadcast_time, dot_product_attention, maybe_remat,
+                                   sincos_pos_embed_2d, timestep_embedding)
 
 # name -> (depth, hidden_size, patch_size, num_heads), as facebook's DiT_models.
 DIT_PRESETS = {}
@@ -94,8 +101,11 @@ class TimestepEmbedder(nn.Module):
 
 
 class Attention(nn.Module):
+  """timm Attention: qkv ordered [q, k, v][head][channel], scale 1/sqrt(head dim), proj."""
+
   num_heads: int
   dtype: Any = None
+  attention_implementation: Optional[str] = None  # None | "xla" | "cudnn"
 
   @nn.compact
   def __call__(self, x):
@@ -103,9 +113,9 @@ class Attention(nn.Module):
     hd = d // self.num_heads
     qkv = _dense(3 * d, "qkv", self.dtype)(x).reshape(b, n, 3, self.num_heads, hd)
     q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
-    logits = jnp.einsum("bthc,bshc->bhts", q, k) * (hd ** -0.5)
-    w = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(v.dtype)
-    a = jnp.einsum("bhts,bshc->bthc", w, v).reshape(b, n, d)
+    a = dot_product_attention(q, k, v, scale=hd ** -0.5,
+                              implementation=self.attention_implementation)
+    a = a.reshape(b, n, d)
     return _dense(d, "proj", self.dtype)(a)
 
 
@@ -125,12 +135,14 @@ class DiTBlock(nn.Module):
   num_heads: int
   mlp_ratio: float = 4.0
   dtype: Any = None
+  attention_implementation: Optional[str] = None
 
   @nn.compact
   def __call__(self, x, c):
     mod = _dense(6 * self.hidden_size, "adaLN_modulation_1", self.dtype, zero=True)(nn.silu(c))
     shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = jnp.split(mod, 6, axis=-1)
-    x = x + gate_msa[:, None] * Attention(self.num_heads, self.dtype, name="attn")(
+    x = x + gate_msa[:, None] * Attention(self.num_heads, self.dtype,
+                                          self.attention_implementation, name="attn")(
         _modulate(_layer_norm(x), shift_msa, scale_msa))
     x = x + gate_mlp[:, None] * Mlp(int(self.hidden_size * self.mlp_ratio), self.dtype,
                                     name="mlp")(_modulate(_layer_norm(x), shift_mlp, scale_mlp))
@@ -163,7 +175,9 @@ class DiT(nn.Module):
   extra_in_channels: int = 0
   out_channels: Any = None  # None: x's channel count (learn_sigma=False)
   frequency_embedding_size: int = 256
-  dtype: Any = None
+  dtype: Any = jnp.float32  # compute dtype; params stay float32
+  remat: str = "none"  # none | blocks | a jax.checkpoint_policies name (layers.REMAT_CHOICES)
+  attention_implementation: Optional[str] = None  # None | "xla" | "cudnn" (layers.ATTENTION_...)
 
   @nn.compact
   def __call__(self, x, t, y=None, cond=None, train: bool = False):
@@ -195,13 +209,15 @@ class DiT(nn.Module):
     yemb = _LabelEmbedder(self.num_classes, self.hidden_size, name="y_embedder")(y)
     cvec = temb + yemb.astype(temb.dtype)
 
+    # A rematerialised block keeps its explicit name, hence the parameter tree.
+    block = maybe_remat(DiTBlock, self.remat)
     for i in range(self.depth):
-      tokens = DiTBlock(self.hidden_size, self.num_heads, self.mlp_ratio, self.dtype,
-                        name=f"blocks_{i}")(tokens, cvec)
+      tokens = block(self.hidden_size, self.num_heads, self.mlp_ratio, self.dtype,
+                     self.attention_implementation, name=f"blocks_{i}")(tokens, cvec)
     out = FinalLayer(self.hidden_size, p, out_ch, self.dtype, name="final_layer")(tokens, cvec)
     hp, wp = h // p, w // p
     out = out.reshape(b, hp, wp, p, p, out_ch).transpose(0, 1, 3, 2, 4, 5)
-    return out.reshape(b, h, w, out_ch).astype(x.dtype)
+    return out.reshape(b, h, w, out_ch).astype(jnp.float32)
 
 
 class _XEmbedder(nn.Module):

@@ -24,7 +24,7 @@ collections "params" (conv kernels, BN scale/bias) and "batch_stats" (BN mean/va
 names equal to the PyTorch ones (`Mixed_5b/branch1x1/conv/kernel`, ...).
 """
 
-from typing import Sequence, Tuple
+from typing import Any, Optional, Sequence, Tuple
 
 import flax.linen as nn
 import jax.numpy as jnp
@@ -88,19 +88,25 @@ def images_to_uint8_range(images: jnp.ndarray, quantize: bool = True) -> jnp.nda
 
 
 class BasicConv2d(nn.Module):
-  """Conv (no bias) -> BatchNorm(eps 1e-3, inference) -> ReLU."""
+  """Conv (no bias) -> BatchNorm(eps 1e-3, inference) -> ReLU.
+
+  The conv computes in `dtype` (None: the input's dtype, so a whole network follows the dtype
+  InceptionV3 casts its input to); BatchNorm in float32; the output has the conv's dtype.
+  """
 
   features: int
   kernel_size: Tuple[int, int] = (1, 1)
   strides: Tuple[int, int] = (1, 1)
   padding: _Pad = ((0, 0), (0, 0))
+  dtype: Optional[Any] = None
 
   @nn.compact
   def __call__(self, x):
+    dtype = self.dtype or x.dtype
     x = nn.Conv(self.features, self.kernel_size, self.strides, padding=self.padding,
-                use_bias=False, name="conv")(x)
-    x = nn.BatchNorm(use_running_average=True, epsilon=1e-3, name="bn")(x)
-    return nn.relu(x)
+                use_bias=False, dtype=dtype, name="conv")(x)
+    x = nn.BatchNorm(use_running_average=True, epsilon=1e-3, dtype=jnp.float32, name="bn")(x)
+    return nn.relu(x).astype(dtype)
 
 
 def _k(kh, kw=None):
@@ -109,8 +115,10 @@ def _k(kh, kw=None):
 
 
 def _avg_pool_tf(x):
-  """3x3 stride-1 average pool with SAME padding that ignores the padded zeros (TF)."""
-  return nn.avg_pool(x, (3, 3), (1, 1), padding=((1, 1), (1, 1)), count_include_pad=False)
+  """3x3 stride-1 average pool with SAME padding that ignores the padded zeros (TF), in x.dtype
+  (flax divides by float32 window counts)."""
+  return nn.avg_pool(x, (3, 3), (1, 1), padding=((1, 1), (1, 1)),
+                     count_include_pad=False).astype(x.dtype)
 
 
 def _max_pool_3x3_s2(x):
@@ -226,11 +234,14 @@ class InceptionV3(nn.Module):
       return a dict {"pool3": (B, 2048), "logits_unbiased": (B, 1008) = pool3 @ kernel,
       "logits": (B, 1008) = that + bias}, float32. torch-fidelity's Inception Score uses
       "logits_unbiased". With False (the default) the variables and output are pool3 only.
+    dtype: compute dtype of the convolutions (float32 default, or bfloat16); resizing,
+      normalisation, BatchNorm and the final average are float32, and so are params and output.
   """
 
   resize_input: bool = True
   normalize_input: bool = True
   with_logits: bool = False
+  dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x):
@@ -241,6 +252,7 @@ class InceptionV3(nn.Module):
       x = resize_bilinear_tf1(x, (INPUT_SIZE, INPUT_SIZE))
     if self.normalize_input:
       x = (x - 128.0) / 128.0
+    x = x.astype(self.dtype)  # every block computes in its input's dtype
     x = BasicConv2d(32, kernel_size=(3, 3), strides=(2, 2), name="Conv2d_1a_3x3")(x)
     x = BasicConv2d(32, kernel_size=(3, 3), name="Conv2d_2a_3x3")(x)
     x = BasicConv2d(64, **_k(3), name="Conv2d_2b_3x3")(x)
@@ -263,7 +275,7 @@ class InceptionV3(nn.Module):
       pool3 = jnp.mean(x.astype(jnp.float32), axis=(1, 2))
       logits_unbiased, logits = Logits(name="fc")(pool3)
       return {"pool3": pool3, "logits_unbiased": logits_unbiased, "logits": logits}
-    return jnp.mean(x, axis=(1, 2))
+    return jnp.mean(x.astype(jnp.float32), axis=(1, 2))
 
 
 def init_variables(rng, module: InceptionV3 = None, image_size: int = INPUT_SIZE):

@@ -10,6 +10,10 @@
 - `GroupNorm` / `group_norm_act`: GroupNorm computed in float32 (as guided-diffusion's
   GroupNorm32), eps 1e-5, group count clipped to divide the channel count (tiny test widths),
   fused with an optional per-sample scale-shift (ADM) and SiLU, with a two-pass custom VJP.
+- `dot_product_attention`: multi-head attention on (B, T, N, H) q, k, v through
+  `jax.nn.dot_product_attention` (logits and softmax in float32 for any input dtype).
+- `remat_policy` / `maybe_remat`: `config.model.remat` ("none", "blocks" or a
+  `jax.checkpoint_policies` name) -> a flax `nn.remat` of a block class (same param names).
 """
 
 import functools
@@ -20,6 +24,15 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+# `config.model.remat` values besides "none" and "blocks": the jax.checkpoint_policies entries
+# that are policies themselves (the others are factories that take names or memory kinds).
+_NAMED_REMAT_POLICIES = ("nothing_saveable", "everything_saveable", "dots_saveable",
+                         "checkpoint_dots", "dots_with_no_batch_dims_saveable",
+                         "checkpoint_dots_with_no_batch_dims")
+REMAT_CHOICES = ("none", "blocks") + tuple(
+    n for n in _NAMED_REMAT_POLICIES if hasattr(jax.checkpoint_policies, n))
+ATTENTION_IMPLEMENTATIONS = (None, "xla", "cudnn")
 
 # PyTorch's default init for conv / linear weights is kaiming_uniform(a=sqrt(5)), i.e.
 # U(-1/sqrt(fan_in), 1/sqrt(fan_in)) == variance_scaling(1/3, fan_in, uniform).
@@ -272,3 +285,46 @@ def sincos_pos_embed_2d(embed_dim: int, grid_size: int) -> np.ndarray:
     return np.concatenate([np.sin(out), np.cos(out)], axis=1)
   emb = np.concatenate([one_d(embed_dim // 2, gw), one_d(embed_dim // 2, gh)], axis=1)
   return emb.astype(np.float32)
+
+
+def remat_policy(remat: str):
+  """`config.model.remat` -> a jax checkpoint policy; None for "none" (no rematerialisation).
+
+  "blocks" is `nothing_saveable` (each block recomputes its whole forward in the backward
+  pass); any other value names a policy of `jax.checkpoint_policies` (see REMAT_CHOICES).
+  """
+  remat = "none" if remat is None else remat
+  if remat not in REMAT_CHOICES:
+    raise ValueError(f"model.remat must be one of {list(REMAT_CHOICES)}, got {remat!r}")
+  if remat == "none":
+    return None
+  return getattr(jax.checkpoint_policies, "nothing_saveable" if remat == "blocks" else remat)
+
+
+def maybe_remat(module_cls, remat: str, static_argnums: Sequence[int] = ()):
+  """`module_cls`, or its `nn.remat` with the policy of `remat` (see remat_policy).
+
+  static_argnums index `__call__`'s arguments with self as 0 (flax's convention), e.g. (3,)
+  for `__call__(self, x, emb, train)`. Give the instances explicit names: the lifted class has
+  another class name, and explicit names keep the parameter tree identical with and without
+  rematerialisation.
+  """
+  policy = remat_policy(remat)
+  if policy is None:
+    return module_cls
+  return nn.remat(module_cls, policy=policy, static_argnums=tuple(static_argnums))
+
+
+def dot_product_attention(q, k, v, scale=None, implementation=None):
+  """softmax(q·kᵀ · scale) · v per head; q (B, T, N, H), k and v (B, S, N, H) -> (B, T, N, H).
+
+  `jax.nn.dot_product_attention` (scale default 1/sqrt(H)); the logits and the softmax are
+  float32 for any input dtype and the output has q's dtype. `implementation`: None or "xla"
+  (XLA's fused attention on every platform) or "cudnn" (cuDNN flash attention on NVIDIA
+  GPUs; bfloat16/float16 inputs only).
+  """
+  if implementation not in ATTENTION_IMPLEMENTATIONS:
+    raise ValueError(f"model.attention_implementation must be one of "
+                     f"{list(ATTENTION_IMPLEMENTATIONS)}, got {implementation!r}")
+  return jax.nn.dot_product_attention(q, k, v, scale=scale,
+                                      implementation=implementation)

@@ -11,15 +11,21 @@ Time: raw t in [0, 1] through the guided-diffusion sinusoidal embedding (max_per
 Labels: y in [0, num_classes]; index num_classes is the null label (classifier-free guidance).
 With `learn_null_class=True` the table has num_classes + 1 rows; with False it has num_classes
 rows and the null label contributes a zero embedding (a converted guided-diffusion checkpoint).
+
+Precision: `dtype` (default float32) is the compute dtype of activations, matmuls and
+convolutions; parameters are float32 whatever it is; GroupNorm statistics and the attention
+softmax are computed in float32; the output is float32. `remat` ("none", "blocks" or a
+`jax.checkpoint_policies` name) rematerialises every ResBlock and AttentionBlock in the backward
+pass with the same parameter tree.
 """
 
 from typing import Any, Optional, Sequence
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
 
 from lfm_jax.models.layers import (Conv, GroupNorm, broadcast_time, dense,
+                                   dot_product_attention, maybe_remat,
                                    timestep_embedding)
 
 
@@ -85,7 +91,13 @@ class ResBlock(nn.Module):
 
 
 class AttentionBlock(nn.Module):
-  """guided-diffusion AttentionBlock: norm, qkv (Conv1d k=1), attention, proj_out (zero)."""
+  """guided-diffusion AttentionBlock: norm, qkv (Conv1d k=1), attention, proj_out (zero).
+
+  The 3C qkv outputs are ordered [head][q, k, v][channel] (QKVAttentionLegacy, the ADM
+  default) or, with use_new_attention_order, [q, k, v][head][channel] (QKVAttention); EDM's
+  [head][channel][q, k, v] is permuted into the first by the converter. Attention runs through
+  `layers.dot_product_attention` on (B, HW, heads, C / heads) with scale 1/sqrt(C / heads).
+  """
 
   num_heads: int = 1
   num_head_channels: int = -1
@@ -93,6 +105,7 @@ class AttentionBlock(nn.Module):
   norm_num_groups: int = 32
   norm_min_channels_per_group: int = 0
   dtype: Any = None
+  attention_implementation: Optional[str] = None  # None | "xla" | "cudnn"
 
   @nn.compact
   def __call__(self, x):
@@ -110,9 +123,9 @@ class AttentionBlock(nn.Module):
     else:
       qkv = qkv.reshape(b, hh * ww, heads, 3, ch)
       q, k, v = qkv[:, :, :, 0], qkv[:, :, :, 1], qkv[:, :, :, 2]
-    logits = jnp.einsum("bthc,bshc->bhts", q, k) / jnp.sqrt(jnp.asarray(ch, q.dtype))
-    weights = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(v.dtype)
-    a = jnp.einsum("bhts,bshc->bthc", weights, v).reshape(b, hh * ww, c)
+    a = dot_product_attention(q, k, v, scale=ch ** -0.5,
+                              implementation=self.attention_implementation)
+    a = a.reshape(b, hh * ww, c)
     a = dense(c, "proj_out", zero=True, dtype=self.dtype)(a)
     return x + a.reshape(b, hh, ww, c).astype(x.dtype)
 
@@ -173,7 +186,9 @@ class UNet(nn.Module):
   norm_num_groups: int = 32
   norm_min_channels_per_group: int = 0  # > 0: groups = min(norm_num_groups, C // this) (EDM: 4)
   small_map_threshold: int = 8
-  dtype: Any = None  # compute dtype; params stay float32
+  dtype: Any = jnp.float32  # compute dtype; params stay float32
+  remat: str = "none"  # none | blocks | a jax.checkpoint_policies name (layers.REMAT_CHOICES)
+  attention_implementation: Optional[str] = None  # None | "xla" | "cudnn" (layers.ATTENTION_...)
 
   def _has_attention(self, ds: int, resolution: int) -> bool:
     if self.attention_semantics == "downsample":
@@ -197,7 +212,12 @@ class UNet(nn.Module):
     attn_kw = dict(num_head_channels=self.num_head_channels,
                    use_new_attention_order=self.use_new_attention_order,
                    norm_num_groups=self.norm_num_groups,
-                   norm_min_channels_per_group=self.norm_min_channels_per_group, dtype=self.dtype)
+                   norm_min_channels_per_group=self.norm_min_channels_per_group, dtype=self.dtype,
+                   attention_implementation=self.attention_implementation)
+    # Rematerialised blocks keep their explicit names, hence the parameter tree; `train`
+    # (argument 3 counting self) is static.
+    res_block = maybe_remat(ResBlock, self.remat, static_argnums=(3,))
+    attn_block = maybe_remat(AttentionBlock, self.remat)
 
     t = broadcast_time(t, b)
     emb = dense(emb_dim, "time_embed_0", dtype=self.dtype)(timestep_embedding(t, mc))
@@ -239,14 +259,14 @@ class UNet(nn.Module):
     for level, mult in enumerate(self.channel_mult):
       for _ in range(self.num_res_blocks):
         ch = int(mult * mc)
-        h = ResBlock(ch, name=f"input_blocks_{idx}_0", **kw)(h, emb, train)
+        h = res_block(ch, name=f"input_blocks_{idx}_0", **kw)(h, emb, train)
         if self._has_attention(ds, height // ds):
-          h = AttentionBlock(self.num_heads, name=f"input_blocks_{idx}_1", **attn_kw)(h)
+          h = attn_block(self.num_heads, name=f"input_blocks_{idx}_1", **attn_kw)(h)
         hs.append(h)
         idx += 1
       if level != last:
         if self.resblock_updown:
-          h = ResBlock(ch, down=True, name=f"input_blocks_{idx}_0", **kw)(h, emb, train)
+          h = res_block(ch, down=True, name=f"input_blocks_{idx}_0", **kw)(h, emb, train)
         else:
           h = Downsample(self.conv_resample, self.small_map_threshold, self.dtype,
                          name=f"input_blocks_{idx}_0")(h)
@@ -254,24 +274,24 @@ class UNet(nn.Module):
         idx += 1
         ds *= 2
 
-    h = ResBlock(ch, name="middle_block_0", **kw)(h, emb, train)
+    h = res_block(ch, name="middle_block_0", **kw)(h, emb, train)
     if self.mid_attention:
-      h = AttentionBlock(self.num_heads, name="middle_block_1", **attn_kw)(h)
-    h = ResBlock(ch, name=f"middle_block_{2 if self.mid_attention else 1}", **kw)(h, emb, train)
+      h = attn_block(self.num_heads, name="middle_block_1", **attn_kw)(h)
+    h = res_block(ch, name=f"middle_block_{2 if self.mid_attention else 1}", **kw)(h, emb, train)
 
     idx = 0
     for level, mult in list(enumerate(self.channel_mult))[::-1]:
       for i in range(self.num_res_blocks + 1):
         h = jnp.concatenate([h, hs.pop()], axis=-1)
         ch = int(mc * mult)
-        h = ResBlock(ch, name=f"output_blocks_{idx}_0", **kw)(h, emb, train)
+        h = res_block(ch, name=f"output_blocks_{idx}_0", **kw)(h, emb, train)
         j = 1
         if self._has_attention(ds, height // ds):
-          h = AttentionBlock(heads_up, name=f"output_blocks_{idx}_{j}", **attn_kw)(h)
+          h = attn_block(heads_up, name=f"output_blocks_{idx}_{j}", **attn_kw)(h)
           j += 1
         if level and i == self.num_res_blocks:
           if self.resblock_updown:
-            h = ResBlock(ch, up=True, name=f"output_blocks_{idx}_{j}", **kw)(h, emb, train)
+            h = res_block(ch, up=True, name=f"output_blocks_{idx}_{j}", **kw)(h, emb, train)
           else:
             h = Upsample(self.conv_resample, self.small_map_threshold, self.dtype,
                          name=f"output_blocks_{idx}_{j}")(h)
@@ -283,4 +303,4 @@ class UNet(nn.Module):
     h = GroupNorm(out_groups, name="out_0")(h, silu=True)
     h = Conv(out_ch, kernel_init=nn.initializers.zeros, dtype=self.dtype,
              small_map_threshold=self.small_map_threshold, name="out_2")(h)
-    return h.astype(x.dtype)
+    return h.astype(jnp.float32)
