@@ -269,3 +269,21 @@ def test_attention_implementation_reaches_jax(monkeypatch):
   with pytest.raises(ValueError, match=r"model\.attention_implementation"):
     create_model(ml_collections.ConfigDict(dict(TINY["dit"], attention_implementation="flash")),
                  SHAPE)
+
+
+def test_with_compute_options_keeps_the_parameter_tree():
+  """An imported checkpoint's module (built outside create_model) takes the run's dtype, remat
+  and attention implementation, through a time-convention wrapper too."""
+  from lfm_jax.models import SiTConventionWrapper, with_compute_options
+  cfg = ml_collections.ConfigDict(dict(TINY["dit"], time_convention="sit"))
+  module = create_model(cfg, SHAPE)
+  assert isinstance(module, SiTConventionWrapper) and module.inner.remat == "none"
+  tuned = with_compute_options(module, dict(remat="blocks", attention_implementation="xla"),
+                               dtype=jnp.bfloat16)
+  assert (tuned.inner.remat, tuned.inner.attention_implementation,
+          tuned.inner.dtype) == ("blocks", "xla", jnp.bfloat16)
+  args = (jax.random.PRNGKey(0), jnp.zeros((1,) + SHAPE), jnp.zeros((1,)))
+  shapes = lambda m: jax.tree.map(lambda a: (a.shape, a.dtype), jax.eval_shape(m.init, *args))
+  assert shapes(tuned) == shapes(module)
+  with pytest.raises(ValueError, match=r"model\.remat"):
+    with_compute_options(module, dict(remat="blockz"))
