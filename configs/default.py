@@ -47,6 +47,10 @@ def get_config():
   data.mask_per_epoch = False  # True: a new lfm mask each epoch (LFM's loader redraws on every read)
   data.mask_path = placeholder(str)  # file: one PNG for every example; dir: a folder of <id:06d>.png
   data.mask_white = "known"  # what white means in mask PNGs: known (LFM's eval masks) | hole
+  # `sample` mode conditions (lfm_jax/tasks.py); unset: the first examples of data.eval_split.
+  data.inpaint_image = placeholder(str)  # inpainting: an S x S image (PNG/JPEG) to inpaint ...
+  data.inpaint_mask = placeholder(str)  # ... and its mask PNG (S x S; white per data.mask_white)
+  data.semantic_map = placeholder(str)  # semantic: an S x S single-channel PNG of class ids
   # Train on a scored, pruned subset (lfm_jax/scoring.py). ratio = fraction REMOVED.
   data.subset = ml_collections.ConfigDict()
   data.subset.scores = placeholder(str)  # path to a scores file written by the `score` mode
@@ -63,6 +67,7 @@ def get_config():
   ae.latent_channels = 4
   ae.norm_num_groups = 8
   ae.attention = False  # mid-block self-attention (SD has it)
+  ae.compute_dtype = "float32"  # float32 | bfloat16: encode (latent cache) and decode (samples)
   ae.scale_factor = placeholder(float)  # None: 1/std of the cached latents; 0.18215 for SD's KL-f8
   ae.sample_posterior = True  # LFM samples z ~ q(z|x) rather than using the mean
   ae.train = ml_collections.ConfigDict()
@@ -95,6 +100,11 @@ def get_config():
   config.model = model = ml_collections.ConfigDict()
   model.name = "unet"  # unet | dit
   model.dit_preset = placeholder(str)  # for dit: "S/2", "B/2", "L/2", "XL/2" (also /4, /8)
+  # DiT shape keys; None: the preset's. Set, they override it (e.g. a narrower DiT-L/2).
+  model.hidden_size = placeholder(int)
+  model.depth = placeholder(int)
+  model.patch_size = placeholder(int)
+  model.mlp_ratio = placeholder(float)
   model.time_convention = "lfm"  # lfm | sit (a network trained with t = 0 noise; translated at load)
   model.learn_null_class = True  # False: the null label is a zero embedding (converted ADM weights)
   model.model_channels = 32
@@ -112,6 +122,9 @@ def get_config():
   model.resblock_updown = False
   model.num_classes = 10  # 0: unconditional. The null (guidance) label is index num_classes.
   model.extra_in_channels = 0  # conditioning channels concatenated to the latent (inpainting: 5)
+  # > 0: the network takes a class map (S, S) as cond: one-hot -> rescaled to the latent grid
+  # -> 1x1 conv to extra_in_channels, trained jointly (models/semantic.py; CelebAMask-HQ: 19).
+  model.semantic_classes = 0
   model.remat = "none"  # none | blocks | a jax.checkpoint_policies name (dots_saveable, ...)
   model.attention_implementation = placeholder(str)  # None, xla | cudnn (GPU flash, bf16 only)
   model.init_from = placeholder(str)  # a PyTorch checkpoint to start from (weights.load_velocity_checkpoint)
@@ -159,6 +172,7 @@ def get_config():
   sample.num_samples = 100  # `sample` mode: 10 per class
   sample.batch_size = 100
   sample.use_ema = True
+  sample.compute_dtype = "float32"  # float32 | bfloat16: the velocity network while sampling
 
   # --- Evaluation (metrics/, `evaluate` mode).
   config.eval = ev = ml_collections.ConfigDict()
@@ -175,6 +189,7 @@ def get_config():
   # class_agreement | inception_score (inapplicable ones are skipped with a note).
   ev.metrics = ("fd", "precision_recall", "kid", "class_agreement")
   ev.inception_score_splits = 10
+  ev.compute_dtype = "float32"  # float32 | bfloat16: the feature extractor (Inception)
 
   # --- Scoring (scoring.py, `score` mode).
   config.score = sc = ml_collections.ConfigDict()

@@ -166,14 +166,16 @@ def import_velocity(model_config) -> tuple[Any, Any]:
     raise ArtifactError(f"config.model.init_from: cannot load {path}: {_first_line(e)}") from e
 
 
-def build_velocity_network(model_config, latent_shape):
-  """The velocity network of a config.model section: the imported checkpoint's architecture
-  when model.init_from is set (inferred from its shapes), else models.create_model."""
+def build_velocity_network(model_config, latent_shape, dtype=jnp.float32):
+  """The velocity network of a config.model section computing in `dtype`: the imported
+  checkpoint's architecture when model.init_from is set (inferred from its shapes), else
+  models.create_model; model.remat and model.attention_implementation applied either way."""
   from lfm_jax import models  # pylint: disable=g-import-not-at-top
   if model_config.init_from:
-    return import_velocity(model_config)[0]
+    return models.with_compute_options(import_velocity(model_config)[0], model_config,
+                                       dtype=dtype)
   try:
-    return models.create_model(model_config, tuple(latent_shape))
+    return models.create_model(model_config, tuple(latent_shape), dtype=dtype)
   except ValueError as e:
     raise ArtifactError(f"config.model: {_first_line(e)}") from e
 

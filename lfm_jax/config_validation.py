@@ -92,7 +92,8 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     f"must list metrics from {', '.join(evaluate.available_metrics())}")
   r("eval.inception_score_splits", _positive_int, "must be a positive integer")
   r("score.gradient_chunk_size", _positive_int, "must be a positive integer")
-  for key in ("train.compute_dtype",):
+  for key in ("train.compute_dtype", "sample.compute_dtype", "autoencoder.compute_dtype",
+              "eval.compute_dtype"):
     if _get(config, key) not in precision.DTYPES:
       raise ConfigError(f"config.{key}: must be one of {', '.join(precision.DTYPES)}, got "
                         f"{_get(config, key)!r}")
@@ -156,6 +157,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
         raise ConfigError(f"config.model.dit_preset: unknown preset {preset!r}; "
                           f"choose one of {', '.join(presets)}")
   r("model.extra_in_channels", _nonneg_int, "must be an integer >= 0")
+  _validate_task(config)
   r("model.time_convention", _one_of(("lfm", "sit")), "must be lfm or sit", optional=True)
   from lfm_jax.models import layers  # pylint: disable=g-import-not-at-top
   r("model.remat", _one_of(layers.REMAT_CHOICES),
@@ -212,6 +214,58 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
       "must name an .npz with ids and features when config.score.embedding == 'file'")
   r("score.num_clusters", _positive_int, "must be a positive integer")
   r("coarse_to_fine.light_fraction", _fraction(), "must lie in [0, 1]")
+
+
+TASKS = ("generation", "inpainting", "semantic")
+MASK_KINDS = ("lfm", "center", "file", "dir")
+
+
+def _validate_task(config: ml_collections.ConfigDict) -> None:
+  """data.task, the mask keys and the network's conditioning channels (lfm_jax/tasks.py)."""
+  r = lambda path, ok, what, optional=False: _require(config, path, ok, what, optional)
+  r("data.task", _one_of(TASKS), f"must be one of {', '.join(TASKS)}", optional=True)
+  task = _get(config, "data.task", "generation") or "generation"
+  extra = _get(config, "model.extra_in_channels", 0)
+  classes = _get(config, "model.semantic_classes", 0) or 0
+  r("model.semantic_classes", _nonneg_int, "must be an integer >= 0 (0: no semantic map)",
+    optional=True)
+  if task == "inpainting":
+    r("data.mask_kind", _one_of(MASK_KINDS), f"must be one of {', '.join(MASK_KINDS)}")
+    r("data.mask_white", _one_of(("known", "hole")), "must be known or hole")
+    r("data.mask_seed", lambda v: isinstance(v, int), "must be an integer")
+    if _get(config, "data.mask_kind") in ("file", "dir"):
+      r("data.mask_path", lambda v: isinstance(v, str) and v,
+        f"must name the mask {'PNG' if _get(config, 'data.mask_kind') == 'file' else 'folder'} "
+        f"when config.data.mask_kind == {_get(config, 'data.mask_kind')!r}")
+    want = _get(config, "autoencoder.latent_channels", 4) + 1
+    if extra != want:
+      raise ConfigError(f"config.model.extra_in_channels: inpainting feeds the masked image's "
+                        f"latent ({want - 1} channels) and the mask (1): {want}, got {extra}")
+    if classes:
+      raise ConfigError("config.model.semantic_classes: must be 0 for inpainting")
+    if bool(_get(config, "data.inpaint_image")) != bool(_get(config, "data.inpaint_mask")):
+      missing = "inpaint_mask" if _get(config, "data.inpaint_image") else "inpaint_image"
+      raise ConfigError(f"config.data.{missing}: inpainting a given image needs both "
+                        "config.data.inpaint_image and config.data.inpaint_mask")
+  elif task == "semantic":
+    if not classes:
+      raise ConfigError("config.model.semantic_classes: semantic synthesis needs the number of "
+                        "classes of the maps (19 for CelebAMask-HQ)")
+    if not extra:
+      raise ConfigError("config.model.extra_in_channels: semantic synthesis maps the class map "
+                        "to extra input channels (LFM: 4); got 0")
+  else:
+    if extra and not _get(config, "model.init_from"):
+      raise ConfigError(f"config.model.extra_in_channels: {extra} conditioning channels need "
+                        "config.data.task = 'inpainting' or 'semantic'")
+    if classes:
+      raise ConfigError("config.model.semantic_classes: set config.data.task = 'semantic' for a "
+                        "semantic-map network")
+  for key in ("data.inpaint_image", "data.inpaint_mask"):
+    if _get(config, key) and task != "inpainting":
+      raise ConfigError(f"config.{key}: only used when config.data.task == 'inpainting'")
+  if _get(config, "data.semantic_map") and task != "semantic":
+    raise ConfigError("config.data.semantic_map: only used when config.data.task == 'semantic'")
 
 
 def validate_for_devices(config: ml_collections.ConfigDict, num_devices: int,

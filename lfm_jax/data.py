@@ -19,6 +19,18 @@ def _pipeline():
   return input_pipeline
 
 
+def prepare(data_config) -> None:
+  """Prepares the data set (offline) on process 0 first, then on the other hosts (a no-op where
+  they share its data_dir), so hosts never prepare the same directory at once."""
+  from lfm_jax import parallel  # pylint: disable=g-import-not-at-top
+  ip = _pipeline()
+  if jax.process_index() == 0:
+    ip.ensure_prepared(ip.get_builder(data_config), data_config)
+  parallel.sync("data_prepared")
+  if jax.process_index() > 0:
+    ip.ensure_prepared(ip.get_builder(data_config), data_config)
+
+
 def split_ids(data_config, split: str) -> np.ndarray:
   """The ascending example ids (indices in the base split) the pipeline reads for `split`."""
   return _pipeline().split_ids(data_config, split)
@@ -39,7 +51,9 @@ def read_ids(data_config, split: str, ids: np.ndarray, batch_size: int = 256, *,
 
 def load_images(data_config, split: str, max_examples: Optional[int] = None,
                 seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-  """(images (N, H, W, C) in [-1, 1], labels, ids) of the first max_examples of a split."""
+  """(images (N, H, W, C) in [-1, 1], labels, ids) of the first max_examples of a split, on
+  every host (all hosts call this together)."""
+  prepare(data_config)
   ids = split_ids(data_config, split)
   if max_examples is not None:
     ids = ids[:int(max_examples)]

@@ -23,6 +23,7 @@ import numpy as np
 
 from lfm_jax import flow
 from lfm_jax import parallel
+from lfm_jax import precision
 from lfm_jax import sampling
 
 
@@ -44,6 +45,8 @@ class SamplerSettings:
   guidance_scale: float = 1.0
   guidance_interval: Optional[tuple[float, float]] = None
   light_fraction: float = 0.7
+  compute_dtype: str = "float32"
+  decode_dtype: str = "float32"
 
   @classmethod
   def from_config(cls, config, **overrides) -> "SamplerSettings":
@@ -53,7 +56,8 @@ class SamplerSettings:
     kw = dict(solver=s.solver, num_steps=s.num_steps, rtol=float(s.rtol), atol=float(s.atol),
               max_steps=int(s.max_steps), guidance_scale=float(s.guidance_scale),
               guidance_interval=interval,
-              light_fraction=float(config.coarse_to_fine.light_fraction))
+              light_fraction=float(config.coarse_to_fine.light_fraction),
+              compute_dtype=s.compute_dtype, decode_dtype=config.autoencoder.compute_dtype)
     kw.update({k: v for k, v in overrides.items() if v is not None})
     if sampling.is_adaptive(kw["solver"]):
       kw["num_steps"] = None
@@ -227,12 +231,13 @@ def generate(model, autoencoder, num: int, *, settings: SamplerSettings, seed: i
     labels = cycle_labels(num, num_classes)
   if not num_classes:
     labels = None
-  heavy = GuidedVelocity(model.module, num_classes, float(settings.guidance_scale),
-                         settings.guidance_interval)
+  dtype = precision.dtype_from_name(settings.compute_dtype, "sample.compute_dtype")
+  heavy = GuidedVelocity(precision.with_dtype(model.module, dtype), num_classes,
+                         float(settings.guidance_scale), settings.guidance_interval)
   light_v = None
   if light is not None:
-    light_v = GuidedVelocity(light.module, num_classes, float(settings.guidance_scale),
-                             settings.guidance_interval)
+    light_v = GuidedVelocity(precision.with_dtype(light.module, dtype), num_classes,
+                             float(settings.guidance_scale), settings.guidance_interval)
   plan = _Plan(heavy, light_v, settings, tuple(model.latent_shape), float(model.scale_factor))
   solve = _compiled_solver(plan, mesh)
   heavy_params = jax.device_put(model.params, parallel.state_sharding(model.params, mesh))
@@ -240,7 +245,8 @@ def generate(model, autoencoder, num: int, *, settings: SamplerSettings, seed: i
       light.params, parallel.state_sharding(light.params, mesh))
   decode = ae_params = None
   if autoencoder is not None:
-    decode = _compiled_decoder(autoencoder.module, mesh)
+    decode = _compiled_decoder(precision.with_dtype(autoencoder.module, precision.dtype_from_name(
+        settings.decode_dtype, "autoencoder.compute_dtype")), mesh)
     ae_params = jax.device_put(autoencoder.params, rep)
   seed_arr = jnp.asarray(seed, jnp.uint32)
   images, lats, nfe_l, nfe_h = [], [], [], []

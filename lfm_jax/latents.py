@@ -216,7 +216,10 @@ def build_cache(directory: storage.PathLike, fp: Mapping[str, Any], *, ids: np.n
                 read_images: Callable[[np.ndarray], Iterable[Mapping[str, np.ndarray]]],
                 encode_fn: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]],
                 groups: int, chunk: int, flipped: bool = False, dtype: str = "float32",
-                seed: int = 0, log: Callable[[str], None] = print) -> tuple[LatentCache, bool]:
+                seed: int = 0, log: Callable[[str], None] = print,
+                extras: Optional[Callable[[Mapping[str, np.ndarray], bool],
+                                          Mapping[str, np.ndarray]]] = None,
+                extra_inputs: Sequence[str] = ()) -> tuple[LatentCache, bool]:
   """Returns (cache, reused): the matching cache in `directory`, or a new one built now.
 
   Args:
@@ -232,6 +235,9 @@ def build_cache(directory: storage.PathLike, fp: Mapping[str, Any], *, ids: np.n
     flipped: also store the mirrored images' posteriors.
     dtype: storage dtype of mean/logvar ("float32" | "float16").
     seed: the scale-factor draws' seed.
+    extras(group, flip) -> {name: (n, ...) array}: more arrays stored per example (a task's
+      conditioning, lfm_jax/tasks.py), from the group's {"image", *extra_inputs} rows (read from
+      read_images' batches); with `flipped` also extras(group, True) as <name>_flip.
   """
   d = storage.path(directory)
   want = _normalize(fp)
@@ -260,7 +266,7 @@ def build_cache(directory: storage.PathLike, fp: Mapping[str, Any], *, ids: np.n
   np_dtype = _DTYPES[dtype]
   latent_shape = None
   my_ids = ids[bounds[mine.start]:bounds[mine.stop]]
-  rows: dict[str, list] = {"image": [], "label": [], "id": []}
+  rows: dict[str, list] = {k: [] for k in ("image", "label", "id", *extra_inputs)}
   g = mine.start
   buffered = 0
 
@@ -278,6 +284,11 @@ def build_cache(directory: storage.PathLike, fp: Mapping[str, Any], *, ids: np.n
     if flipped:
       fm, fl = _chunked_encode(encode_fn, images[:, :, ::-1, :], chunk)
       arrays.update(mean_flip=fm.astype(np_dtype), logvar_flip=fl.astype(np_dtype))
+    if extras is not None:
+      group = {"image": images, **{k: np.concatenate(batch[k]) for k in extra_inputs}}
+      arrays.update(extras(group, False))
+      if flipped:
+        arrays.update({f"{k}_flip": v for k, v in extras(group, True).items()})
     latent_shape = list(mean.shape[1:])
     storage.write_npz(d / _group_file(g, build), **arrays)
     stats[g] = _example_stats(mean, logvar, gid, seed)
@@ -349,8 +360,8 @@ def num_lanes(num_groups: int, batch_size: int) -> int:
 class LatentIterator:
   """Host-local training batches from a latent cache, with an exact, O(1) resume.
 
-  Yields {"mean", "logvar"[, "label"]} (with_ids: also "id" and, with flip, "flipped") for this
-  host's rows of each global batch of
+  Yields {"mean", "logvar"[, "label"], *extra_keys} (with_ids: also "id" and, with flip,
+  "flipped") for this host's rows of each global batch of
   `batch_size` (see "Training order" in the module docstring). `kept_ids` restricts training to
   a subset; `flip` draws one orientation per example and lane epoch from the flipped cache.
   state() -> {"batch": b, ...}; restore(state) continues there (under any host count).
@@ -360,7 +371,7 @@ class LatentIterator:
                kept_ids: Optional[np.ndarray] = None, flip: bool = False,
                with_labels: bool = True, with_ids: bool = False,
                process_index: Optional[int] = None,
-               process_count: Optional[int] = None):
+               process_count: Optional[int] = None, extra_keys: Sequence[str] = ()):
     pi = jax.process_index() if process_index is None else int(process_index)
     pc = jax.process_count() if process_count is None else int(process_count)
     if flip and not cache.flipped:
@@ -376,9 +387,10 @@ class LatentIterator:
     per_lane_groups = cache.num_groups // self._lanes
     owned = _owned(self._lanes, pi, pc, "lanes")
     arrays = cache.read(range(owned.start * per_lane_groups, owned.stop * per_lane_groups))
-    self._keys = ["mean", "logvar", "id"] + (["label"] if with_labels else [])
+    self._oriented = ["mean", "logvar", *extra_keys]  # keys with a mirrored version
+    self._keys = ["mean", "logvar", "id"] + (["label"] if with_labels else []) + list(extra_keys)
     if flip:
-      self._keys += ["mean_flip", "logvar_flip"]
+      self._keys += [f"{k}_flip" for k in self._oriented]
     self._with_ids = with_ids
     keep = (np.ones(len(arrays["id"]), bool) if kept_ids is None
             else np.isin(arrays["id"], np.asarray(kept_ids, np.int64)))
@@ -440,9 +452,9 @@ class LatentIterator:
         flips[sel] = bits[offsets[sel]]
       out = {k: arrays[k][idx] for k in self._keys if not k.endswith("_flip")}
       if self._flip:
-        f = flips.reshape((-1,) + (1,) * (out["mean"].ndim - 1))
-        out["mean"] = np.where(f, arrays["mean_flip"][idx], out["mean"])
-        out["logvar"] = np.where(f, arrays["logvar_flip"][idx], out["logvar"])
+        for k in self._oriented:
+          f = flips.reshape((-1,) + (1,) * (out[k].ndim - 1))
+          out[k] = np.where(f, arrays[f"{k}_flip"][idx], out[k])
         if self._with_ids:
           out["flipped"] = flips
       if not self._with_ids:

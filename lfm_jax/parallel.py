@@ -267,10 +267,25 @@ def to_host(x: Any) -> Any:
   return jax.tree.map(one, x)
 
 
-def sync(name: str) -> None:
-  """A barrier across hosts (no-op on one host)."""
-  if jax.process_count() > 1:
+_BARRIERS = {}
+
+
+def sync(name: str, timeout_s: float = 1800) -> None:
+  """A barrier across hosts (no-op on one host).
+
+  It waits in jax.distributed's coordination service, not in a device collective, so one host
+  may spend minutes on work of its own (process 0 writing an export to a bucket) while the
+  others wait; device collectives give up on a peer that is 30 s late.
+  """
+  if jax.process_count() == 1:
+    return
+  count = _BARRIERS[name] = _BARRIERS.get(name, 0) + 1
+  from jax._src import distributed  # pylint: disable=g-import-not-at-top
+  client = distributed.global_state.client
+  if client is None or not hasattr(client, "wait_at_barrier"):
     multihost_utils.sync_global_devices(name)
+    return
+  client.wait_at_barrier(f"lfm_jax/{name}/{count}", int(timeout_s * 1000))
 
 
 def broadcast_from_first(value: np.ndarray) -> np.ndarray:

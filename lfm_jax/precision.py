@@ -19,6 +19,13 @@ def dtype_from_name(name: str, key: str = "compute_dtype") -> Any:
   return DTYPES[name]
 
 
+def with_dtype(module: Any, dtype: Any) -> Any:
+  """A Linen module (and any module it wraps in `inner`) computing in `dtype`; same params."""
+  if hasattr(module, "inner"):
+    return module.clone(inner=with_dtype(module.inner, dtype))
+  return module.clone(dtype=dtype)
+
+
 def cast_floating(tree: Any, dtype: Any) -> Any:
   """Casts every floating leaf of tree to dtype (other leaves unchanged)."""
   return jax.tree.map(

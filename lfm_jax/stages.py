@@ -22,7 +22,9 @@ from lfm_jax import generate
 from lfm_jax import latents as latents_lib
 from lfm_jax import modes
 from lfm_jax import parallel
+from lfm_jax import precision
 from lfm_jax import storage
+from lfm_jax import tasks
 from lfm_jax import workdir as workdir_lib
 from lfm_jax.writers import say
 
@@ -76,6 +78,7 @@ class Session:
   def _train_autoencoder(self) -> None:
     from lfm_jax import autoencoder_train, data, input_pipeline  # pylint: disable=g-import-not-at-top
     cfg, d = self.config, self.config.data
+    data.prepare(d)
     n = input_pipeline.num_examples(d, d.train_split)
     say(f"autoencoder: training {cfg.autoencoder.train.num_steps} steps on {n} images of {d.name}"
         f" (block_out_channels={tuple(cfg.autoencoder.block_out_channels)})")
@@ -96,17 +99,22 @@ class Session:
       cfg = self.config
       ae = self.autoencoder()
       fp = latents_lib.fingerprint(cfg, ae.identity)
+      if tasks.cache_fingerprint(cfg):  # the task's conditioning is cached too
+        fp = {**fp, "task": tasks.cache_fingerprint(cfg)}
       cache = latents_lib.LatentCache.open(self.wd.latents)
       if cache is None or cache.manifest["fingerprint"] != latents_lib._normalize(fp):  # pylint: disable=protected-access
         say(f"encode: encoding {cfg.data.name} {cfg.data.train_split} with the autoencoder")
+        _data().prepare(cfg.data)
+      encode_fn = _local_encoder(ae, int(cfg.latents.encode_batch_size),
+                                 precision.dtype_from_name(cfg.autoencoder.compute_dtype))
       self._cache, _ = latents_lib.build_cache(
           self.wd.latents, fp, ids=_data().split_ids(cfg.data, cfg.data.train_split),
           read_images=lambda ids: _data().read_ids(cfg.data, cfg.data.train_split, ids,
                                                    seed=cfg.seed),
-          encode_fn=_local_encoder(ae, int(cfg.latents.encode_batch_size)),
+          encode_fn=encode_fn,
           groups=int(cfg.latents.groups), chunk=int(cfg.latents.encode_batch_size),
           flipped=bool(cfg.data.random_flip), dtype=cfg.latents.dtype, seed=int(cfg.seed),
-          log=say)
+          log=say, **tasks.cache_extras(cfg, encode_fn, int(cfg.latents.encode_batch_size)))
     return self._cache
 
   @property
@@ -140,13 +148,14 @@ def _data():
   return data
 
 
-def _local_encoder(ae: artifacts.Autoencoder, chunk: int) -> Callable:
+def _local_encoder(ae: artifacts.Autoencoder, chunk: int, dtype) -> Callable:
   """encode_fn for the latent cache: chunks of `chunk` rows, one per local device per call."""
   mesh = parallel.local_mesh()
   per_call = chunk * mesh.devices.size
   sharding = parallel.data_sharded(mesh)
   params = jax.device_put(ae.params, parallel.replicated(mesh))
-  fn = jax.jit(lambda p, x: ae.module.apply({"params": p}, x, method=ae.module.encode),
+  module = precision.with_dtype(ae.module, dtype)
+  fn = jax.jit(lambda p, x: module.apply({"params": p}, x, method=module.encode),
                out_shardings=(sharding, sharding))
 
   def encode(images):
@@ -200,6 +209,8 @@ def _kept_ids(s: Session, cache: latents_lib.LatentCache) -> Optional[np.ndarray
 
 def _grid_sampler(s: Session, module, latent_shape, scale) -> Callable:
   """The trainer's sample-grid callback: fixed seeds, one row per class, EMA params."""
+  if tasks.is_conditional(s.config):
+    return tasks.grid_sampler(s, module, latent_shape, scale)
   nc = int(s.config.model.num_classes)
   num = 10 * min(nc, 10) if nc else 64
   labels = np.repeat(np.arange(min(nc, 10), dtype=np.int32), 10) if nc else None
@@ -221,16 +232,13 @@ def run_train(s: Session) -> dict:
     say(f"train: reusing the finished model in {s.wd.checkpoints} (step {done})")
     return {"checkpoints": str(s.wd.checkpoints), "reused": True}
   cache = s.latents()
-  it = latents_lib.LatentIterator(cache, batch_size=int(cfg.train.batch_size), seed=int(cfg.seed),
-                                  kept_ids=_kept_ids(s, cache), flip=bool(cfg.data.random_flip),
-                                  with_labels=bool(cfg.model.num_classes))
+  it = tasks.training_iterator(s, cache, kept_ids=_kept_ids(s, cache))
   init_params = None
-  if cfg.model.init_from:
-    module, init_params = artifacts.import_velocity(cfg.model)
-    if done is None:
-      say(f"train: fine-tuning from {cfg.model.init_from}")
-  else:
-    module = artifacts.build_velocity_network(cfg.model, cache.latent_shape)
+  module = artifacts.build_velocity_network(cfg.model, cache.latent_shape,
+                                            precision.dtype_from_name(cfg.train.compute_dtype))
+  if cfg.model.init_from and done is None:
+    init_params = artifacts.import_velocity(cfg.model)[1]
+    say(f"train: fine-tuning from {cfg.model.init_from}")
   say(f"train: {cfg.train.num_steps} steps of {cfg.model.name} on "
       f"{it.num_examples or cache.num_examples} latents {cache.latent_shape}"
       + (f", resuming at step {done}" if done else ""))
@@ -249,6 +257,8 @@ def _tag(cfg, light) -> str:
 
 def run_sample(s: Session) -> dict:
   cfg = s.config
+  if tasks.is_conditional(cfg):  # inpainting / semantic: conditions, grid, pasting in tasks.py
+    return tasks.run_sample(s)
   model, light = s.flow_model(), s.light_model()
   num = int(cfg.sample.num_samples)
   labels = generate.grid_labels(num, model.num_classes)
@@ -269,7 +279,9 @@ def _extractor(s: Session, name: str):
   from lfm_jax.metrics import features  # pylint: disable=g-import-not-at-top
   cfg = s.config
   if name == "inception":
-    return features.get_feature_extractor("inception", weights_path=cfg.eval.inception_weights)
+    return features.get_feature_extractor(
+        "inception", weights_path=cfg.eval.inception_weights,
+        dtype=precision.dtype_from_name(cfg.eval.compute_dtype, "eval.compute_dtype"))
   if name == "autoencoder":
     ae = s.autoencoder(False)
     flat = lambda x: ae.encode(x)[0].reshape(x.shape[0], -1)
@@ -299,9 +311,14 @@ def run_evaluate(s: Session) -> dict:
   num = int(cfg.eval.num_samples)
   collector = None if extractor is None else ev.FeatureCollector(extractor, ev.needs_logits(names))
   on_batch = None if collector is None else (lambda x, start, n: collector.add(x, n))
-  out = s.generate(model, num, seed=cfg.seed + 1, batch_size=int(cfg.eval.batch_size),
-                   light=light, keep_images=False, keep_latents=False, on_batch=on_batch,
-                   progress=lambda m: say(f"evaluate: {m}"))
+  if tasks.is_conditional(cfg):  # the eval split's examples, inpainted / from their maps
+    num, out = tasks.generate_for_evaluation(
+        s, model, num, seed=cfg.seed + 1, batch_size=int(cfg.eval.batch_size), light=light,
+        on_batch=on_batch, progress=lambda m: say(f"evaluate: {m}"))
+  else:
+    out = s.generate(model, num, seed=cfg.seed + 1, batch_size=int(cfg.eval.batch_size),
+                     light=light, keep_images=False, keep_latents=False, on_batch=on_batch,
+                     progress=lambda m: say(f"evaluate: {m}"))
   record = {"stage": "evaluate", "num_samples": num, "solver": cfg.sample.solver,
             "num_steps": cfg.sample.num_steps, "guidance_scale": cfg.sample.guidance_scale,
             **out.metrics()}
@@ -313,6 +330,8 @@ def run_evaluate(s: Session) -> dict:
                                         seed=cfg.seed, log=say)
       if cfg.eval.reference_stats:
         reference.given_mean_cov = ev.load_reference_stats(cfg.eval.reference_stats)
+    mu, sigma = collector.stats.mean_cov()
+    s.wd.write_npz(s.wd.eval / f"generated_{extractor.name}.npz", mu=mu, sigma=sigma)
     obs = ev.Observations(extractor.name, collector.features, collector.stats, reference,
                           labels=out.labels, logits=collector.logits, settings=cfg.eval)
     record.update(ev.compute_metrics(names, obs, note=say))

@@ -12,7 +12,9 @@ Batches (dicts of host-local numpy arrays, NHWC, leading axis = this host's rows
                                      is drawn afresh every step (s = the scale factor) as LFM does,
                                      or s * mean when config.autoencoder.sample_posterior is False;
   "label": (B,) int                  required when config.model.num_classes > 0;
-  "cond":  (B, h, w, Cc) optional    concatenated conditioning channels (inpainting, maps).
+  "cond":  (B, h, w, Cc) optional    concatenated conditioning channels, or the task's keys
+                                     (masked_mean/masked_logvar/mask_channel, segmentation) that
+                                     lfm_jax/tasks.py's batch_cond turns into them.
 """
 
 from typing import Any, Callable, Iterator, Mapping, Optional
@@ -29,6 +31,7 @@ from lfm_jax import latents as latents_lib
 from lfm_jax import optim
 from lfm_jax import parallel
 from lfm_jax import precision
+from lfm_jax import tasks
 from lfm_jax import trainer
 from lfm_jax import workdir as workdir_lib
 from lfm_jax.trainer import TrainState
@@ -42,9 +45,7 @@ def _dummy_inputs(config: Any, latent_shape: tuple[int, ...]) -> dict[str, Any]:
   x = jnp.zeros((1,) + tuple(latent_shape), jnp.float32)
   t = jnp.zeros((1,), jnp.float32)
   y = jnp.zeros((1,), jnp.int32) if int(config.model.num_classes) > 0 else None
-  extra = int(config.model.extra_in_channels)
-  cond = jnp.zeros((1,) + tuple(latent_shape[:-1]) + (extra,), jnp.float32) if extra else None
-  return dict(x=x, t=t, y=y, cond=cond)
+  return dict(x=x, t=t, y=y, cond=tasks.dummy_cond(config, latent_shape))
 
 
 def init_params(model: nn.Module, rng: jax.Array, config: Any, latent_shape: tuple[int, ...]) -> Any:
@@ -167,7 +168,8 @@ def make_train_step(model: nn.Module, config: Any, tx: optax.GradientTransformat
     rng_latent, rng_loss = jax.random.split(rng)
     z0 = batch_latents(batch, rng_latent, scale_factor, sample_posterior)
     labels = batch["label"].astype(jnp.int32) if num_classes > 0 else None
-    cond = batch.get("cond")
+    cond = tasks.batch_cond(batch, jax.random.fold_in(rng_latent, 1), scale_factor,
+                            sample_posterior)
     if accum == 1:
       loss, grads = grad_fn(state.params, z0, labels, cond, rng_loss)
     else:

@@ -163,6 +163,7 @@ def fit(*, name: str, create: Callable[..., TrainState], create_args: tuple,
     try:
       if int(jax.device_get(state.step)) == 0 and hparams:
         writer.write_hparams(hparams)
+      parallel.sync(f"{name}_loop_start")  # process 0 set up the writers alone
       return _loop(name, state, jitted, train_iter, mesh, checkpointer, writer, settings,
                    metadata, hooks, stop_after, print_fn)
     finally:

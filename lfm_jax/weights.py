@@ -11,6 +11,8 @@ them all; nothing is silently left at random init. The implementations live in
 - `export_velocity_checkpoint(..., layout=None)`: back to a PyTorch layout ("guided_diffusion"
   or "edm_dhariwal" for a U-Net, "facebook_dit" for a DiT).
 - `load_inception(path) -> (module, params)`: pytorch-fid's FID InceptionV3 weights.
+- `export_pytorch(export_dir, path, layout=None)`: the velocity network of an lfm_jax export
+  directory (`--mode=export`, lfm_jax.artifacts.export_model) in a PyTorch layout.
 """
 
 import importlib
@@ -25,7 +27,17 @@ _EXPORTS = {
     "WeightConversionError": "lfm_jax.converters.common",
 }
 
-__all__ = sorted(_EXPORTS)
+
+def export_pytorch(export_dir, path, layout=None):
+  """Writes the velocity network of an lfm_jax export directory in a PyTorch layout (see
+  export_velocity_checkpoint; the latent size comes from the export). Returns the state dict."""
+  from lfm_jax import artifacts  # pylint: disable=g-import-not-at-top
+  from lfm_jax.converters.velocity import export_velocity_checkpoint  # pylint: disable=g-import-not-at-top
+  model, _, _ = artifacts.load_exported(export_dir)
+  return export_velocity_checkpoint(model.module, model.params, path, layout=layout,
+                                    latent_size=int(model.latent_shape[0]))
+
+__all__ = sorted(_EXPORTS) + ["export_pytorch"]
 
 
 def __getattr__(name):

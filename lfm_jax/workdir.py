@@ -116,6 +116,8 @@ class Workdir:
     if jax.process_index() == 0:
       storage.check_writable(self.root, what="workdir")
       self.write_text(self.config_json, config.to_json_best_effort(indent=2, sort_keys=True))
+    from lfm_jax import parallel  # pylint: disable=g-import-not-at-top
+    parallel.sync("workdir_prepared")
 
   def read_config(self) -> ml_collections.ConfigDict:
     """The resolved config this run wrote (lists come back as tuples)."""

@@ -177,6 +177,11 @@ def create_metric_writer(logdir: storage.PathLike, jsonl_name: Optional[str] = "
   Without TensorFlow/clu installed the TensorBoard part is left out, with one log line saying so.
   """
   if jax.process_index() > 0:
+    if tensorboard:  # the same import work on every host keeps them in step
+      try:
+        from clu import metric_writers  # pylint: disable=g-import-not-at-top,unused-import
+      except ImportError:
+        pass
     return MetricWriter()
   storage.makedirs(logdir)
   writers: list[MetricWriter] = []

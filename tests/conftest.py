@@ -8,10 +8,18 @@ os.environ["XLA_FLAGS"] = (
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
 
+import contextlib  # noqa: E402
+import io  # noqa: E402
+import shutil  # noqa: E402
+import time  # noqa: E402
+
 import jax  # noqa: E402
 import pytest  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
+
+# The tiny pipeline every multi-stage test starts from: 1 process x 8 devices, the modes below.
+REFERENCE_MODES = ("train", "pipeline", "score", "stability")
 
 
 def pytest_configure(config):
@@ -29,3 +37,41 @@ def pytest_collection_modifyitems(config, items):
   for item in items:
     if "slow" in item.keywords:
       item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def digits_data_dir(tmp_path_factory):
+  """A tfds data dir the tiny pipelines prepare lfm_digits in (shared by the whole session)."""
+  return str(tmp_path_factory.mktemp("tfds"))
+
+
+@pytest.fixture(scope="session")
+def reference_run(tmp_path_factory, digits_data_dir):
+  """The tiny pipeline (helpers.tiny_config) run in this process on 8 devices:
+  `train` on a fresh workdir (it trains the autoencoder and encodes first), then `pipeline`
+  (sample, evaluate, export), `score` and `stability` against itself. Read-only for tests: copy
+  it (`copy_reference`) before changing it. Returns dict(workdir, results, seconds, train_output).
+  """
+  from helpers import tiny_config  # pylint: disable=g-import-not-at-top
+  from lfm_jax import stages  # pylint: disable=g-import-not-at-top
+  workdir = str(tmp_path_factory.mktemp("reference"))
+  results = {}
+  t0 = time.time()
+  out = io.StringIO()
+  with contextlib.redirect_stdout(out):
+    results["train"] = stages.run(tiny_config(digits_data_dir, mode="train"), workdir)
+  train_output = out.getvalue()
+  print(train_output)
+  for mode in REFERENCE_MODES[1:]:
+    results[mode] = stages.run(tiny_config(digits_data_dir, mode=mode,
+                                           **{"stability.other_workdir": workdir}), workdir)
+  return {"workdir": workdir, "results": results, "seconds": time.time() - t0,
+          "train_output": train_output}
+
+
+@pytest.fixture
+def copy_reference(reference_run, tmp_path):
+  """A private copy of the reference workdir (tests that train on or resample it)."""
+  target = str(tmp_path / "reference_copy")
+  shutil.copytree(reference_run["workdir"], target)
+  return target

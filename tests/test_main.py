@@ -16,60 +16,23 @@ from lfm_jax import stages
 from lfm_jax import workdir as workdir_lib
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(REPO, "configs"))
-import default as default_config  # noqa: E402  pylint: disable=g-import-not-at-top
-
-
-def tiny_config(data_dir, **overrides):
-  """The embedded default, shrunk to seconds: 8x8 digits, tiny widths, few steps."""
-  c = default_config.get_config()
-  c.data.data_dir = str(data_dir)
-  c.data.image_size = 8
-  c.autoencoder.block_out_channels = (8, 16)
-  c.autoencoder.norm_num_groups = 8
-  c.autoencoder.train.num_steps = 30
-  c.autoencoder.train.log_every = 10
-  c.model.model_channels = 16
-  c.model.channel_mult = (1, 2)
-  c.model.norm_num_groups = 8
-  c.model.mid_attention = False
-  c.train.batch_size = 64
-  c.train.num_steps = 20
-  c.train.log_every = 10
-  c.train.checkpoint_every = 10
-  c.train.sample_every = 0
-  c.sample.num_steps = 8
-  c.sample.num_samples = 20
-  c.sample.batch_size = 24
-  c.eval.num_samples = 48
-  c.eval.batch_size = 48
-  c.eval.kid_subsets = 5
-  for key, value in overrides.items():
-    node = c
-    *path, leaf = key.split(".")
-    for p in path:
-      node = node[p]
-    node[leaf] = value
-  return c
+from helpers import tiny_config  # noqa: E402
 
 
 @pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-  return tmp_path_factory.mktemp("tfds")
+def data_dir(digits_data_dir):
+  return digits_data_dir
 
 
 @pytest.fixture(scope="module")
-def pipeline_run(tmp_path_factory, data_dir):
-  """`--mode=train` on a fresh workdir (it trains the autoencoder and encodes first), then the
-  pipeline on the same workdir (it reuses those and samples, evaluates, exports)."""
-  import contextlib, io  # pylint: disable=g-import-not-at-top,multiple-imports
-  workdir = str(tmp_path_factory.mktemp("pipeline"))
-  t0 = time.time()
-  out = io.StringIO()
-  with contextlib.redirect_stdout(out):
-    stages.run(tiny_config(data_dir, mode="train"), workdir)
-  results = stages.run(tiny_config(data_dir), workdir)
-  return workdir, results, time.time() - t0, out.getvalue()
+def pipeline_run(reference_run, tmp_path_factory):
+  """A private copy of the reference run (conftest.py): `train` on a fresh workdir, then
+  `pipeline`, `score`, `stability`; the tests here continue training and resample on it."""
+  import shutil  # pylint: disable=g-import-not-at-top
+  workdir = str(tmp_path_factory.mktemp("pipeline") / "w")
+  shutil.copytree(reference_run["workdir"], workdir)
+  return (workdir, reference_run["results"]["pipeline"], reference_run["seconds"],
+          reference_run["train_output"])
 
 
 def test_train_on_a_fresh_workdir_runs_what_it_needs(pipeline_run):
@@ -124,7 +87,7 @@ def test_training_continues_from_last_checkpoint(pipeline_run, data_dir, capsys)
 def test_sample_mode_with_coarse_to_fine_and_score_and_stability(pipeline_run, data_dir, tmp_path):
   workdir = pipeline_run[0]
   # A light model of another width, trained in its own workdir on the same autoencoder: it is
-  # built from its own checkpoint's metadata.
+  # built from its own checkpoint's metadata. (score and stability ran in the reference run.)
   light = str(tmp_path / "light")
   light_kw = {"autoencoder.pretrained": os.path.join(workdir, "autoencoder", "diffusers"),
               "model.model_channels": 8, "train.num_steps": 10}
@@ -133,13 +96,11 @@ def test_sample_mode_with_coarse_to_fine_and_score_and_stability(pipeline_run, d
                                                "coarse_to_fine.light_fraction": 0.5})
   result = stages.run(cfg, workdir)
   assert result["nfe_light"] == 4 and result["nfe_heavy"] == 4
-  result = stages.run(tiny_config(data_dir, mode="score"), workdir)
-  with np.load(result["scores"]) as z:
+  with np.load(os.path.join(workdir, "scores", "scores_cluster.npz")) as z:
     assert len(z["ids"]) == 1437 and np.isfinite(z["scores"]).all()
   # The same model against itself: identical samples, far above the shuffled baseline.
-  report = stages.run(tiny_config(data_dir, mode="stability",
-                                  **{"stability.other_workdir": workdir,
-                                     "stability.num_samples": 16}), workdir)
+  with open(os.path.join(workdir, "stability", "report.json")) as f:
+    report = json.load(f)
   assert report["same_seed/cosine"] > 0.999 > report["shuffled/cosine"]
   assert os.path.isfile(os.path.join(workdir, "stability", "pairs.png"))
 

@@ -227,6 +227,7 @@ def reference_features(extractor, data_config, split: str, num: int, batch_size:
     log(f"evaluate: reusing reference features {storage.display(path)}")
     feats = cached["features"]
     return Reference(feats, fid.FeatureStats.from_features(feats))
+  data.prepare(data_config)
   ids = data.split_ids(data_config, split)[:int(num)]
   if len(ids) == 0:
     raise ValueError(f"config.eval.reference_split: split {split!r} has no examples")

@@ -120,7 +120,7 @@ class InceptionFeatureExtractor(FeatureExtractor):
   name = "inception"
   dim = 2048
 
-  def __init__(self, weights_path: Optional[str], quantize: bool = True):
+  def __init__(self, weights_path: Optional[str], quantize: bool = True, dtype=jnp.float32):
     if not weights_path or not storage.path(weights_path).is_file():
       where = f" (not found: {weights_path})" if weights_path else ""
       raise FeatureExtractorUnavailable(f"Inception features unavailable{where}. "
@@ -135,7 +135,7 @@ class InceptionFeatureExtractor(FeatureExtractor):
     except WeightConversionError:  # a file without the fc layer: pool3 only
       module, variables = converter.load_inception(weights_path)
       self.has_logits = False
-    self.module = module
+    self.module = module = module.clone(dtype=dtype)
     self.variables = jax.tree_util.tree_map(jnp.asarray, variables)
     self.quantize = quantize
     self.identity = storage.file_identity(weights_path)
@@ -164,8 +164,9 @@ class InceptionFeatureExtractor(FeatureExtractor):
 
 
 def _inception_factory(weights_path: Optional[str] = None, inception_weights: Optional[str] = None,
-                       quantize: bool = True, **unused) -> FeatureExtractor:
-  return InceptionFeatureExtractor(weights_path or inception_weights, quantize=quantize)
+                       quantize: bool = True, dtype=jnp.float32, **unused) -> FeatureExtractor:
+  return InceptionFeatureExtractor(weights_path or inception_weights, quantize=quantize,
+                                   dtype=dtype)
 
 
 register_feature_extractor("inception", _inception_factory)
@@ -357,7 +358,7 @@ def _digits_factory(path: Optional[str] = None, cache_dir: Optional[str] = None,
         "(pass train_images=, train_labels= to train one in ~10 s).")
   clf = train_digits_classifier(train_images, train_labels, num_classes=num_classes, log=log,
                                 **train_kw)
-  if path is not None:
+  if path is not None and jax.process_index() == 0:
     clf.save(path)
   return clf
 

@@ -168,6 +168,10 @@ def create_model(model_config, latent_shape: Optional[Sequence[int]] = None, *,
     if latent_shape[0] % (2 ** levels) or latent_shape[1] % (2 ** levels):
       raise ValueError(f"latent shape {tuple(latent_shape)} not divisible by 2**{levels} "
                        f"(model.channel_mult has {levels + 1} levels)")
+  semantic_classes = int(_get(model_config, "semantic_classes", 0) or 0)
+  if semantic_classes:  # cond is a class map (models/semantic.py); params nest under "inner"
+    from lfm_jax.models.semantic import SemanticConditioned
+    module = SemanticConditioned(module, semantic_classes=semantic_classes)
   convention = _get(model_config, "time_convention", "lfm") or "lfm"
   if convention == "sit":
     module = SiTConventionWrapper(module)
