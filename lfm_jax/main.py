@@ -70,7 +70,6 @@ def main(argv):
   try:
     stages.run(config, FLAGS.workdir)
   except stages.UserError as e:
-    logging.error("%s", e)
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)
 

@@ -2,7 +2,7 @@
 
 `sample` integrates dz/dt = v(t, z) from t = 1 (z = noise) to t = 0 with a fixed-step or an
 adaptive solver; `sample_coarse_to_fine` runs a light velocity on the noise side of the trajectory
-and a heavy one on the data side (paper 2's coarse-to-fine sampler; see PAPERS.md).
+and a heavy one on the data side (the coarse-to-fine sampler of "Exploring and Exploiting Stability in Latent Flow Matching").
 
 velocity_fn(t, z) -> v takes t as a scalar array and z of shape (B, ...) (NHWC latents), or, when
 `args` is given, velocity_fn(t, z, args) -> v: pass network parameters through `args` so that

@@ -28,6 +28,11 @@ from typing import Any, Iterator, Union
 from etils import epath
 import numpy as np
 
+# gs:// through fsspec/gcsfs whether or not TensorFlow is installed: one storage stack for the
+# core (which runs without TensorFlow) and for full installs. EPATH_USE_TF=true chooses
+# tf.io.gfile instead.
+os.environ.setdefault("EPATH_USE_TF", "false")
+
 PathLike = Union[str, os.PathLike, epath.Path]
 
 

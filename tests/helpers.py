@@ -26,36 +26,36 @@ def tree_max_abs_diff(a: Any, b: Any) -> float:
   return max(jax.tree.leaves(diffs), default=0.0)
 
 
+TINY = {
+    "data.image_size": 8, "autoencoder.block_out_channels": (8, 16),
+    "autoencoder.norm_num_groups": 8, "autoencoder.train.num_steps": 30,
+    "autoencoder.train.log_every": 10, "model.model_channels": 16, "model.channel_mult": (1, 2),
+    "model.norm_num_groups": 8, "model.mid_attention": False, "train.batch_size": 64,
+    "train.num_steps": 20, "train.log_every": 10, "train.checkpoint_every": 10,
+    "train.sample_every": 0, "sample.num_steps": 8, "sample.num_samples": 20,
+    "sample.batch_size": 24, "eval.num_samples": 48, "eval.batch_size": 48,
+    "eval.kid_subsets": 5, "stability.num_samples": 16,
+}
+
+
 def tiny_config(data_dir, **overrides):
-  """The embedded default, shrunk to seconds: 8x8 digits, tiny widths, few steps.
+  """The embedded default, shrunk to seconds by TINY (8x8 digits, tiny widths, few steps).
 
   overrides: {"section.key": value}, applied last.
   """
   c = default_config()
   c.data.data_dir = str(data_dir)
-  c.data.image_size = 8
-  c.autoencoder.block_out_channels = (8, 16)
-  c.autoencoder.norm_num_groups = 8
-  c.autoencoder.train.num_steps = 30
-  c.autoencoder.train.log_every = 10
-  c.model.model_channels = 16
-  c.model.channel_mult = (1, 2)
-  c.model.norm_num_groups = 8
-  c.model.mid_attention = False
-  c.train.batch_size = 64
-  c.train.num_steps = 20
-  c.train.log_every = 10
-  c.train.checkpoint_every = 10
-  c.train.sample_every = 0
-  c.sample.num_steps = 8
-  c.sample.num_samples = 20
-  c.sample.batch_size = 24
-  c.eval.num_samples = 48
-  c.eval.batch_size = 48
-  c.eval.kid_subsets = 5
-  c.stability.num_samples = 16
+  set_keys(c, TINY)
   set_keys(c, overrides)
   return c
+
+
+def cli_flags(data_dir, **overrides) -> list[str]:
+  """The same shrinking as command-line flags (`--config.section.key=value`)."""
+  def text(v):
+    return ",".join(map(str, v)) if isinstance(v, tuple) else str(v)
+  values = {"data.data_dir": str(data_dir), **TINY, **overrides}
+  return [f"--config.{k}={text(v)}" for k, v in values.items()]
 
 
 def set_keys(config, overrides):

@@ -1,4 +1,4 @@
-"""The path, target, loss minimiser and guidance of lfm_jax.flow (issue 2, acceptance 2-3)."""
+"""The path, target, loss minimiser and guidance of lfm_jax.flow."""
 
 import jax
 import jax.numpy as jnp

@@ -1,4 +1,4 @@
-"""A tiny U-Net trained by flow matching reproduces a 2-mode latent distribution (issue 2, #6)."""
+"""A tiny U-Net trained by flow matching reproduces a 2-mode latent distribution."""
 
 import functools
 

@@ -1,4 +1,4 @@
-"""The command line and the stages: a tiny pipeline end to end, reuse, resume, bad inputs (issue 8)."""
+"""The command line and the stages: a tiny pipeline end to end, reuse, resume, bad inputs."""
 
 import json
 import os
@@ -187,7 +187,7 @@ def test_parse_flags_rejects_unknown_key_inprocess(capsys):
 
 def test_imported_pytorch_checkpoint_samples_and_fine_tunes(pipeline_run, data_dir, tmp_path):
   """model.init_from: a network exported to the guided-diffusion layout and imported back samples
-  exactly like the original, and `train` fine-tunes from it (issue 10)."""
+  exactly like the original, and `train` fine-tunes from it."""
   from lfm_jax import weights
   workdir = pipeline_run[0]
   original = artifacts.load_flow_model(workdir)

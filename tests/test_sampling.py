@@ -1,4 +1,4 @@
-"""diffrax sampling on analytic velocity fields (issue 2 acceptance 1; issue 7 acceptance 1-2)."""
+"""diffrax sampling on analytic velocity fields."""
 
 import jax
 import jax.numpy as jnp
@@ -117,7 +117,7 @@ def test_bad_arguments_raise():
                                    solver="euler", num_steps=10)
 
 
-# --- coarse-to-fine (issue 7, acceptance 1-2) ---
+# --- coarse-to-fine ---
 
 @pytest.mark.parametrize("solver,num_steps", [("euler", 50), ("heun", 20), ("dopri5", None)])
 def test_coarse_to_fine_with_equal_models_is_single_model_sampling(noise, solver, num_steps):

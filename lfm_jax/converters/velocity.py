@@ -1,4 +1,4 @@
-"""PyTorch <-> Flax converters for the velocity networks (issue 10).
+"""PyTorch <-> Flax converters for the velocity networks.
 
 Layouts:
 - "guided_diffusion": guided-diffusion / LFM / torchcfm `UNetModel` state dicts

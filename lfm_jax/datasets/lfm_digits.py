@@ -2,7 +2,7 @@
 
 1,797 grey-level images of the digits 0-9 ship inside scikit-learn
 (`sklearn.datasets.load_digits`, values 0..16). This builder rescales them to uint8 (0..255),
-upsamples them bilinearly to the configured resolution (DESIGN.md: bilinear beats nearest),
+upsamples them bilinearly to the configured resolution (bilinear gives better samples than nearest here),
 optionally repeats the grey channel to RGB, and writes a fixed, deterministic, stratified
 80/20 train/test split (seed 0): 1,437 train and 360 test examples.
 

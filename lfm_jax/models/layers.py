@@ -5,7 +5,7 @@
 - `Conv`: a 2-D convolution with PyTorch-style symmetric integer padding and parameters
   `kernel` (kh, kw, Cin, Cout) and `bias` (Cout,). On feature maps smaller than
   `small_map_threshold` it computes the same convolution as patch extraction + one matmul,
-  because XLA's CPU convolution is pathologically slow on tiny maps (see DESIGN.md). The
+  because XLA's CPU convolution is pathologically slow on tiny maps. The
   parameters are identical on both paths, so converters never see the difference.
 - `GroupNorm` / `group_norm_act`: GroupNorm computed in float32 (as guided-diffusion's
   GroupNorm32), eps 1e-5, group count clipped to divide the channel count (tiny test widths),
