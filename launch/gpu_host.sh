@@ -24,8 +24,11 @@
 # Batch sizes in configs are global: a config written for 8 GPUs runs on fewer with the same
 # optimisation if memory allows; otherwise set --config.train.grad_accum_steps=K (same global
 # batch) or lower --config.train.batch_size (a different run).
-# Several hosts: start one process per host with the same command; jax.distributed picks up
-# SLURM's or Open MPI's environment (e.g. `srun launch/gpu_host.sh run ...`).
+# Several hosts: start one process per host with the same command and a shared (e.g. gs://)
+# WORKDIR. jax.distributed picks up SLURM's or Open MPI's environment (`srun launch/gpu_host.sh
+# run ...`), or set on every host JAX_COORDINATOR_ADDRESS=<host 0>:<port>, JAX_NUM_PROCESSES=<N>
+# and JAX_PROCESS_ID=<0..N-1>. A host that cannot reach the coordinator, or a process count that
+# does not match, fails within LFM_JAX_DISTRIBUTED_TIMEOUT seconds [60] with a message.
 #
 # Environment (defaults in brackets):
 #   VENV [<checkout>/.venv; set VENV=none to use the current Python]  PYTHON [python3]

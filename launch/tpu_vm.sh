@@ -83,6 +83,12 @@ on_worker0() { tpu ssh "$TPU_NAME" --worker=0 --command="$1"; }
 
 state() { tpu describe "$TPU_NAME" --format='value(state)' 2>/dev/null || echo "NOT_FOUND"; }
 
+# Number of hosts (workers) of the slice: one network endpoint each.
+num_workers() {
+  tpu describe "$TPU_NAME" --format='value(networkEndpoints[].ipAddress)' | tr ';' '\n' |
+    grep -c . || echo 1
+}
+
 cmd_create() {
   local extra=()
   if [[ "$SPOT" == "1" ]]; then
@@ -141,9 +147,16 @@ remote_main() {
 cmd_run() {
   [[ $# -ge 2 ]] || die "usage: run CONFIG WORKDIR [FLAGS...]"
   [[ "$2" == gs://* ]] || log "warning: WORKDIR '$2' is not gs://; multi-host runs need a shared workdir"
-  local main
+  local main workers
   main="$(remote_main "$@")"
-  log "starting on all workers: $main"
+  workers="$(num_workers)"
+  if [[ "$workers" -gt 1 ]]; then
+    # Every worker runs the same command; jax.distributed finds the coordinator (worker 0) and
+    # the process count from the TPU metadata; a worker that cannot reach it fails within
+    # LFM_JAX_DISTRIBUTED_TIMEOUT seconds instead of hanging.
+    main="LFM_JAX_DISTRIBUTED=1 LFM_JAX_DISTRIBUTED_TIMEOUT=\${LFM_JAX_DISTRIBUTED_TIMEOUT:-300} $main"
+  fi
+  log "starting on all $workers worker(s): $main"
   on_all_workers "cd $REMOTE_DIR && \
 if [ -f ~/$REMOTE_PID ] && kill -0 \$(cat ~/$REMOTE_PID) 2>/dev/null; then \
 echo \"worker \$(hostname): already running (pid \$(cat ~/$REMOTE_PID))\"; else \

@@ -51,8 +51,10 @@ def _wants_distributed(environ: Mapping[str, str]) -> bool:
   hosts = environ.get("TPU_WORKER_HOSTNAMES", "")
   if hosts and len([h for h in hosts.split(",") if h]) > 1:
     return True
-  # SLURM with more than one task.
+  # SLURM or Open MPI with more than one task.
   if int(environ.get("SLURM_NTASKS", "1") or 1) > 1:
+    return True
+  if int(environ.get("OMPI_COMM_WORLD_SIZE", "1") or 1) > 1:
     return True
   return False
 
