@@ -136,6 +136,8 @@ class Checkpointer:
                keep_period: Optional[int] = None, async_save: bool = True):
     text = os.fspath(directory)
     self.directory = text if storage.is_remote(text) else os.path.abspath(text)
+    from lfm_jax import parallel  # pylint: disable=g-import-not-at-top
+    parallel.sync("checkpointer")  # orbax meets the other hosts in a device collective next
     options = ocp.CheckpointManagerOptions(
         max_to_keep=max_to_keep, keep_period=keep_period or None, create=True,
         enable_async_checkpointing=async_save)

@@ -223,6 +223,7 @@ def generate(model, autoencoder, num: int, *, settings: SamplerSettings, seed: i
     SolverError when an adaptive solve runs out of steps.
   """
   mesh = mesh or parallel.create_mesh()
+  parallel.sync("generate")
   ndev = parallel.num_batch_shards(mesh)
   bs = -(-max(int(batch_size), 1) // ndev) * ndev
   rep, batch_sharding = parallel.replicated(mesh), parallel.data_sharded(mesh)

@@ -77,7 +77,7 @@ from lfm_jax.datasets import lsun_lmdb as _lsun_lmdb
 from lfm_jax.datasets import manual as _manual
 
 __all__ = [
-    "DatasetNotAvailableError", "ManualFileError", "PAPER_PRESETS", "TASKS", "MASK_KINDS",
+    "DatasetNotAvailableError", "DataConfigError", "ManualFileError", "PAPER_PRESETS", "TASKS", "MASK_KINDS",
     "get_builder", "ensure_prepared", "dataset_info", "num_examples", "split_range",
     "segmentation_classes", "preprocess_image", "create_dataset", "iterate_numpy",
     "ResumableIterator", "ArrayIterator", "host_range", "split_ids",
@@ -117,6 +117,10 @@ DatasetNotAvailableError = _manual.DatasetNotAvailableError
 ManualFileError = _manual.ManualFileError
 
 
+class DataConfigError(ValueError):
+  """config.data names a split, task or option the data set cannot serve; the message says which."""
+
+
 # ---------------------------------------------------------------------------------------------
 # Builders and preparation.
 
@@ -149,7 +153,7 @@ def _resolve_name(data_config) -> tuple[str, Optional[tfds.core.BuilderConfig]]:
   """(tfds name, BuilderConfig object or None) for config.data."""
   name = _get(data_config, "name")
   if not name:
-    raise ValueError("config.data.name is empty")
+    raise DataConfigError("config.data.name is empty")
   if name == "lfm_digits":
     return "lfm_digits", _lfm_digits.make_config(
         int(_get(data_config, "image_size", 16)), int(_get(data_config, "channels", 1)))
@@ -170,7 +174,7 @@ def _resolve_name(data_config) -> tuple[str, Optional[tfds.core.BuilderConfig]]:
   if name == "image_folder":
     folder = _get(data_config, "image_folder")
     if not folder:
-      raise ValueError("config.data.name == 'image_folder' needs config.data.image_folder")
+      raise DataConfigError("config.data.name == 'image_folder' needs config.data.image_folder")
     return "lfm_image_folder", _image_folder.ImageFolderConfig(root_dir=folder)
   return name, None
 
@@ -268,7 +272,7 @@ def _base_sizes(builder, names) -> dict[str, Any]:
   if splits:
     missing = [n for n in names if n not in splits]
     if missing:
-      raise ValueError(f"{_full_name(builder)} has no split {missing[0]!r}; splits: "
+      raise DataConfigError(f"{_full_name(builder)} has no split {missing[0]!r}; splits: "
                        f"{sorted(splits)}")
     return {n: splits[n] for n in names}
   # Split sizes unknown (tfds.testing.mock_data): count.
@@ -288,27 +292,27 @@ def _one_line(e: BaseException) -> str:
 def _split_range(builder, split: str) -> SplitRange:
   full = _full_name(builder)
   if not isinstance(split, str) or not split.strip():
-    raise ValueError(f"split of {full} must be a split expression such as 'train[:90%]', "
+    raise DataConfigError(f"split of {full} must be a split expression such as 'train[:90%]', "
                      f"got {split!r}")
   names = [part.split("[")[0].strip() for part in split.split("+")]
   if len(names) > 1 or names[0] == "all":
-    raise ValueError(f"split {split!r} of {full} combines several splits; lfm_jax reads one "
+    raise DataConfigError(f"split {split!r} of {full} combines several splits; lfm_jax reads one "
                      f"split (ids are indices in it), e.g. 'train[:90%]'")
   try:
     instruction = tfds.core.ReadInstruction.from_spec(split)
   except (ValueError, NotImplementedError) as e:
-    raise ValueError(f"split {split!r} of {full} is not a tfds split expression: "
+    raise DataConfigError(f"split {split!r} of {full} is not a tfds split expression: "
                      f"{_one_line(e)}") from e
   sizes = _base_sizes(builder, names)
   try:
     (absolute,) = instruction.to_absolute(sizes)
   except ValueError as e:
-    raise ValueError(f"split {split!r} of {full}: {_one_line(e)}") from e
+    raise DataConfigError(f"split {split!r} of {full}: {_one_line(e)}") from e
   total = int(sizes[absolute.splitname].num_examples)
   start = int(absolute.from_ or 0)
   end = total if absolute.to is None else int(absolute.to)
   if end <= start:
-    raise ValueError(f"split {split!r} of {full} selects no examples ({total} in "
+    raise DataConfigError(f"split {split!r} of {full} selects no examples ({total} in "
                      f"{absolute.splitname!r})")
   return SplitRange(absolute.splitname, start, end)
 
@@ -431,7 +435,7 @@ def _resize_shorter(image, size: int, method: str):
 def preprocess_image(image, *, image_size: int, channels: int, crop: str = "none"):
   """uint8 (H, W, c) -> float32 (S, S, channels) in [-1, 1] (see the module docstring)."""
   if crop not in _CROPS:
-    raise ValueError(f"config.data.crop must be one of {_CROPS}, got {crop!r}")
+    raise DataConfigError(f"config.data.crop must be one of {_CROPS}, got {crop!r}")
   size = int(image_size)
   in_channels = image.shape[-1]
   image = tf.cast(image, tf.float32)
@@ -472,9 +476,9 @@ def preprocess_image(image, *, image_size: int, channels: int, crop: str = "none
 def preprocess_segmentation(segmentation, *, image_size: int, crop: str = "none"):
   """uint8 (H, W, 1) class ids -> int32 (S, S), nearest (the geometry of `preprocess_image`)."""
   if crop not in _CROPS:
-    raise ValueError(f"config.data.crop must be one of {_CROPS}, got {crop!r}")
+    raise DataConfigError(f"config.data.crop must be one of {_CROPS}, got {crop!r}")
   if crop == "adm":
-    raise ValueError("config.data.crop = 'adm' is not defined for segmentation maps; use "
+    raise DataConfigError("config.data.crop = 'adm' is not defined for segmentation maps; use "
                      "'none' or 'center'")
   size = int(image_size)
   if crop == "none":
@@ -500,7 +504,7 @@ def _resize_shorter_nearest(image, size: int):
 def _task(data_config) -> str:
   task = _get(data_config, "task", "generation")
   if task not in TASKS:
-    raise ValueError(f"config.data.task must be one of {TASKS}, got {task!r}")
+    raise DataConfigError(f"config.data.task must be one of {TASKS}, got {task!r}")
   return task
 
 
@@ -508,10 +512,10 @@ def _mask_fn(data_config, size: int, ids_needed: Optional[np.ndarray]):
   """(id int64, epoch int64) -> float32 (S, S) mask tensor, per data.mask_* (checked here)."""
   kind = _get(data_config, "mask_kind", "lfm")
   if kind not in MASK_KINDS:
-    raise ValueError(f"config.data.mask_kind must be one of {MASK_KINDS}, got {kind!r}")
+    raise DataConfigError(f"config.data.mask_kind must be one of {MASK_KINDS}, got {kind!r}")
   white = _get(data_config, "mask_white", "known")
   if white not in ("known", "hole"):
-    raise ValueError(f"config.data.mask_white must be 'known' or 'hole', got {white!r}")
+    raise DataConfigError(f"config.data.mask_white must be 'known' or 'hole', got {white!r}")
   if kind == "lfm":
     mask_seed = int(_get(data_config, "mask_seed", 0))
     per_epoch = bool(_get(data_config, "mask_per_epoch", False))
@@ -528,7 +532,7 @@ def _mask_fn(data_config, size: int, ids_needed: Optional[np.ndarray]):
     return lambda i, e: const
   path = _get(data_config, "mask_path")
   if not path:
-    raise ValueError(f"config.data.mask_kind = {kind!r} needs config.data.mask_path")
+    raise DataConfigError(f"config.data.mask_kind = {kind!r} needs config.data.mask_path")
   if kind == "file":
     const = tf.constant(_masks.read_mask_file(path, size, white))
     return lambda i, e: const
@@ -537,7 +541,7 @@ def _mask_fn(data_config, size: int, ids_needed: Optional[np.ndarray]):
 
   folder = epath.Path(path)
   if not folder.is_dir():
-    raise ValueError(f"config.data.mask_path {path} is not a folder (data.mask_kind = 'dir')")
+    raise DataConfigError(f"config.data.mask_path {path} is not a folder (data.mask_kind = 'dir')")
   present = {p.name for p in folder.iterdir()}
   if ids_needed is not None and ids_needed.size:
     missing = [int(i) for i in ids_needed if f"{int(i):06d}.png" not in present]
@@ -649,13 +653,13 @@ def create_dataset(data_config, split: str, *, batch_size: int, shuffle: bool, s
   has_label = "label" in features.keys()
   seg_feature = features["segmentation"] if "segmentation" in features.keys() else None
   if task == "semantic" and seg_feature is None:
-    raise ValueError(f"config.data.task = 'semantic' needs label maps, but "
+    raise DataConfigError(f"config.data.task = 'semantic' needs label maps, but "
                      f"{_full_name(builder)} has no 'segmentation' feature")
   size = int(_get(data_config, "image_size", 16))
   channels = int(_get(data_config, "channels", 3))
   crop = _get(data_config, "crop", "none")
   if seg_feature is not None and crop == "adm":
-    raise ValueError("config.data.crop = 'adm' is not defined for segmentation maps; use "
+    raise DataConfigError("config.data.crop = 'adm' is not defined for segmentation maps; use "
                      "'none' or 'center'")
   mask_fn = None
   if task == "inpainting":

@@ -277,7 +277,8 @@ def sync(name: str, timeout_s: float = 1800) -> None:
 
   It waits in jax.distributed's coordination service, not in a device collective, so one host
   may spend minutes on work of its own (process 0 writing an export to a bucket) while the
-  others wait; device collectives give up on a peer that is 30 s late.
+  others wait; the CPU backend's collectives give up on a peer that is 30 s late to a new
+  collective, so the hosts meet here before collectives that follow work of uneven length.
   """
   if jax.process_count() == 1:
     return
@@ -294,6 +295,7 @@ def broadcast_from_first(value: np.ndarray) -> np.ndarray:
   """process 0's value of a small numpy array, on every host."""
   if jax.process_count() == 1:
     return np.asarray(value)
+  sync("broadcast")
   return np.asarray(multihost_utils.broadcast_one_to_all(np.asarray(value)))
 
 
@@ -302,6 +304,7 @@ def sum_over_hosts(value: np.ndarray) -> np.ndarray:
   value = np.asarray(value)
   if jax.process_count() == 1:
     return value
+  sync("sum_over_hosts")
   gathered = np.asarray(multihost_utils.process_allgather(value))
   return gathered.sum(axis=0)
 

@@ -38,7 +38,8 @@ def _fixable_errors() -> tuple:
   from lfm_jax.metrics import features  # pylint: disable=g-import-not-at-top
   return (artifacts.ArtifactError, storage.StorageError, latents_lib.CacheError,
           generate.SolverError, checkpoint.CheckpointError, trainer.NonFiniteError,
-          input_pipeline.DatasetNotAvailableError, features.FeatureExtractorUnavailable,
+          input_pipeline.DatasetNotAvailableError, input_pipeline.DataConfigError,
+          features.FeatureExtractorUnavailable,
           config_validation.ConfigError, parallel.DistributedError)
 
 

@@ -138,6 +138,7 @@ def fit(*, name: str, create: Callable[..., TrainState], create_args: tuple,
   Raises NonFiniteError (NaN/Inf) and checkpoint.CheckpointError (corrupt or mismatched
   checkpoint; nothing on disk is changed).
   """
+  parallel.sync(f"{name}_fit")
   abstract = abstract_state(create, create_args, mesh)
   shardings = jax.tree.map(lambda s: s.sharding, abstract)
   checkpointer = ckpt_lib.Checkpointer(

@@ -234,6 +234,7 @@ def reference_features(extractor, data_config, split: str, num: int, batch_size:
   ndev = parallel.num_batch_shards(mesh)
   bs = -(-int(batch_size) // ndev) * ndev
   collector = FeatureCollector(extractor)
+  parallel.sync("reference_features")
   log(f"evaluate: reference features of {len(ids)} images of {data_config.name} {split}")
   for batch in data.host_image_batches(data_config, split, ids, bs, seed=seed):
     g = parallel.host_local_to_global(
