@@ -12,30 +12,32 @@ A PNG that is not square or not readable stops the preparation with an error nam
 
 from __future__ import annotations
 
-import os
+import io
 
 import numpy as np
 import tensorflow_datasets as tfds
 
+from lfm_jax import storage
 from lfm_jax.datasets import manual
 
 NUM_IMAGES = 70_000
 
 
 def find_pngs(manual_dir: str) -> list[str]:
-  """PNG paths under manual_dir (prefers an `images1024x1024` sub-folder), sorted by name."""
-  if not manual_dir or not os.path.isdir(manual_dir):
+  """PNG paths under manual_dir (local or gs://; prefers an `images1024x1024` sub-folder),
+  sorted by file name."""
+  if not manual_dir or not storage.path(manual_dir).is_dir():
     return []
-  root = manual_dir
+  root = storage.path(manual_dir)
   for candidate in ("images1024x1024", "ffhq", "FFHQ"):
-    if os.path.isdir(os.path.join(manual_dir, candidate)):
-      root = os.path.join(manual_dir, candidate)
+    if (root / candidate).is_dir():
+      root = root / candidate
       break
   found = []
-  for dirpath, dirnames, filenames in os.walk(root):
+  for dirpath, dirnames, filenames in root.walk():
     dirnames[:] = [d for d in dirnames if not d.startswith(".")]
-    found += [os.path.join(dirpath, f) for f in filenames if f.lower().endswith(".png")]
-  return sorted(found, key=lambda p: (os.path.basename(p), p))
+    found += [storage.display(dirpath / f) for f in filenames if f.lower().endswith(".png")]
+  return sorted(found, key=lambda p: (p.rsplit("/", 1)[-1], p))
 
 
 def manual_files(manual_dir) -> manual.ManualFiles:
@@ -43,8 +45,7 @@ def manual_files(manual_dir) -> manual.ManualFiles:
   files = find_pngs(str(manual_dir))
 
   def check():
-    with open(files[0], "rb") as f:
-      manual.check_image_bytes(f.read(), files[0], square=True)
+    manual.check_image_bytes(storage.read_bytes(files[0]), files[0], square=True)
 
   return manual.ManualFiles(
       bool(files),
@@ -100,7 +101,7 @@ class Ffhq(tfds.core.GeneratorBasedBuilder):
     r = self.builder_config.resolution
     for i, path in enumerate(files):
       try:
-        with Image.open(path) as im:
+        with Image.open(io.BytesIO(storage.read_bytes(path))) as im:
           im = im.convert("RGB")
       except Exception as e:  # pylint: disable=broad-except  (PIL raises many types)
         raise manual.ManualFileError(
@@ -111,4 +112,4 @@ class Ffhq(tfds.core.GeneratorBasedBuilder):
       if im.size != (r, r):
         im = im.resize((r, r), Image.LANCZOS)
       image = np.asarray(im)
-      yield i, {"image": image, "id": i, "image/filename": os.path.basename(path)}
+      yield i, {"image": image, "id": i, "image/filename": path.rsplit("/", 1)[-1]}

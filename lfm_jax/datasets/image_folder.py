@@ -15,11 +15,14 @@ mtimes): changing the folder prepares a new copy instead of reading a stale one.
 from __future__ import annotations
 
 import hashlib
+import io
 import os
 import re
 
 import numpy as np
 import tensorflow_datasets as tfds
+
+from lfm_jax import storage
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 SPLIT_NAMES = ("train", "test", "validation", "val", "valid")
@@ -29,64 +32,72 @@ def _is_image(name: str) -> bool:
   return name.lower().endswith(IMAGE_EXTENSIONS) and not name.startswith(".")
 
 
-def _images_under(path: str) -> list[str]:
+def _root(path: str):
+  """The folder as a storage path (local paths made absolute, `~` expanded; gs:// as given)."""
+  if storage.is_remote(path):
+    return storage.path(path)
+  return storage.path(os.path.abspath(os.path.expanduser(path)))
+
+
+def _images_under(path) -> list[str]:
   """Image files under `path`, recursively, as sorted paths relative to `path`."""
+  root = storage.path(path)
   found = []
-  for dirpath, dirnames, filenames in os.walk(path):
+  for dirpath, dirnames, filenames in root.walk():
     dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+    rel = str(dirpath)[len(str(root)):].strip("/")
     for f in filenames:
       if _is_image(f):
-        found.append(os.path.relpath(os.path.join(dirpath, f), path))
+        found.append(f"{rel}/{f}" if rel else f)
   return sorted(found)
+
+
+def _subdirs(path) -> list[str]:
+  return sorted(p.name for p in storage.path(path).iterdir()
+                if p.is_dir() and not p.name.startswith("."))
 
 
 def scan(root: str) -> tuple[dict[str, list[tuple[str, int]]], list[str]]:
   """Returns ({split: [(absolute path, label)]}, class names) for a folder (see module doc)."""
-  root = os.path.abspath(os.path.expanduser(root))
-  if not os.path.isdir(root):
+  top_dir = _root(root)
+  root = storage.display(top_dir)
+  if not top_dir.is_dir():
     raise FileNotFoundError(f"image folder {root!r} does not exist or is not a directory")
-  subdirs = sorted(d for d in os.listdir(root)
-                   if os.path.isdir(os.path.join(root, d)) and not d.startswith("."))
-  split_dirs = [d for d in subdirs if d.lower() in SPLIT_NAMES]
+  split_dirs = [d for d in _subdirs(top_dir) if d.lower() in SPLIT_NAMES]
   if split_dirs:
-    split_roots = {d.lower(): os.path.join(root, d) for d in split_dirs}
+    split_roots = {d.lower(): top_dir / d for d in split_dirs}
   else:
-    split_roots = {"train": root}
-
-  def classes_of(split_root):
-    return sorted(d for d in os.listdir(split_root)
-                  if os.path.isdir(os.path.join(split_root, d)) and not d.startswith("."))
-
-  classes = sorted({c for r in split_roots.values() for c in classes_of(r)})
+    split_roots = {"train": top_dir}
+  classes = sorted({c for r in split_roots.values() for c in _subdirs(r)})
   splits = {}
   for split, split_root in split_roots.items():
     files = []
-    top = sorted(f for f in os.listdir(split_root)
-                 if _is_image(f) and os.path.isfile(os.path.join(split_root, f)))
+    top = sorted(p.name for p in split_root.iterdir() if _is_image(p.name) and p.is_file())
     if classes and top:
       raise ValueError(
-          f"image folder {split_root!r} mixes loose images ({top[0]!r}, ...) with class "
-          f"sub-folders {classes[:3]}...; put every image in a class folder or none.")
+          f"image folder {storage.display(split_root)!r} mixes loose images ({top[0]!r}, ...) "
+          f"with class sub-folders {classes[:3]}...; put every image in a class folder or none.")
     if classes:
       for label, c in enumerate(classes):
-        cdir = os.path.join(split_root, c)
-        if os.path.isdir(cdir):
-          files += [(os.path.join(cdir, f), label) for f in _images_under(cdir)]
+        cdir = split_root / c
+        if cdir.is_dir():
+          files += [(storage.display(cdir / f), label) for f in _images_under(cdir)]
     else:
-      files = [(os.path.join(split_root, f), 0) for f in top]
+      files = [(storage.display(split_root / f), 0) for f in top]
     if not files:
-      raise ValueError(f"image folder {split_root!r} holds no images ({IMAGE_EXTENSIONS})")
+      raise ValueError(f"image folder {storage.display(split_root)!r} holds no images "
+                       f"({IMAGE_EXTENSIONS})")
     splits[split] = files
   return splits, classes
 
 
 def fingerprint(root: str) -> str:
   """Short hash of the folder's image list (relative path, size, mtime)."""
-  root = os.path.abspath(os.path.expanduser(root))
-  h = hashlib.sha1(root.encode())
-  for rel in _images_under(root):
-    st = os.stat(os.path.join(root, rel))
-    h.update(f"{rel}\0{st.st_size}\0{int(st.st_mtime)}\n".encode())
+  top_dir = _root(root)
+  h = hashlib.sha1(storage.display(top_dir).encode())
+  for rel in _images_under(top_dir):
+    st = (top_dir / rel).stat()
+    h.update(f"{rel}\0{st.length}\0{int(st.mtime)}\n".encode())
   return h.hexdigest()[:10]
 
 
@@ -94,8 +105,8 @@ class ImageFolderConfig(tfds.core.BuilderConfig):
   """One folder of images; the name identifies the folder and its contents."""
 
   def __init__(self, *, root_dir: str, **kwargs):
-    root_dir = os.path.abspath(os.path.expanduser(root_dir))
-    slug = re.sub(r"[^a-z0-9_]+", "_", os.path.basename(root_dir.rstrip("/")).lower())
+    root_dir = storage.display(_root(root_dir))
+    slug = re.sub(r"[^a-z0-9_]+", "_", root_dir.rstrip("/").rsplit("/", 1)[-1].lower())
     super().__init__(name=f"{slug or 'root'}_{fingerprint(root_dir)}",
                      description=f"Images under {root_dir}", **kwargs)
     self.root_dir = root_dir
@@ -135,9 +146,9 @@ class LfmImageFolder(tfds.core.GeneratorBasedBuilder):
 
     root = self.builder_config.root_dir
     for i, (path, label) in enumerate(files):
-      with Image.open(path) as im:
+      with Image.open(io.BytesIO(storage.read_bytes(path))) as im:
         image = np.asarray(im.convert("RGB"))
-      ex = {"image": image, "id": i, "image/filename": os.path.relpath(path, root)}
+      ex = {"image": image, "id": i, "image/filename": path[len(root):].lstrip("/")}
       if labelled:
         ex["label"] = label
       yield i, ex
