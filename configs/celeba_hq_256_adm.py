@@ -8,8 +8,18 @@ Official run (VinAIResearch/LFM, exp `celeb256_f8_adm`, `--use_origin_adm`):
 Sampling: Dopri5, atol = rtol = 1e-5. FID 5.67 (50k samples, pytorch-fid Inception, train stats;
 official checkpoint: epoch 480).
 
-  python -m lfm_jax.main --config=configs/celeba_hq_256_adm.py --workdir=gs://BUCKET/celeba_hq_256_adm \
-      --config.data.manual_dir=/data/celeba_hq
+Files: $MANUAL_DIR/data256x256.tar (the 30,000 CelebA-HQ images at 256x256, PNG or JPEG: what
+tfds' celeb_a_hq/256 reads); $SD_VAE = stabilityai/sd-vae-ft-mse in the diffusers layout
+(config.json + diffusion_pytorch_model.safetensors); $INCEPTION = pytorch-fid's
+pt_inception-2015-12-05-6726825d.pth. Train (encodes the latents first), sample, evaluate:
+
+  python -m lfm_jax.main --config=configs/celeba_hq_256_adm.py --workdir=$WORKDIR \
+      --config.data.manual_dir=$MANUAL_DIR --config.autoencoder.pretrained=$SD_VAE
+  python -m lfm_jax.main --config=configs/celeba_hq_256_adm.py --workdir=$WORKDIR \
+      --mode=sample --config.data.manual_dir=$MANUAL_DIR --config.autoencoder.pretrained=$SD_VAE
+  python -m lfm_jax.main --config=configs/celeba_hq_256_adm.py --workdir=$WORKDIR \
+      --mode=evaluate --config.data.manual_dir=$MANUAL_DIR \
+      --config.autoencoder.pretrained=$SD_VAE --config.eval.inception_weights=$INCEPTION
 """
 
 from configs import _paper

@@ -5,6 +5,20 @@ DiT-L/2 (24 layers, hidden 1024, 16 heads, patch 2, ~457M params), unconditional
 batch 32 on 1 GPU, 500 epochs of 27,000 images (= 421,500 steps), AdamW lr 2e-4 constant
 (`--no_lr_decay`), fp32, no EMA.
 Sampling: Dopri5, atol = rtol = 1e-5. FID 5.26 (50k samples; official checkpoint epoch 475).
+
+Files: $MANUAL_DIR/data256x256.tar (the 30,000 CelebA-HQ images at 256x256, PNG or JPEG: what
+tfds' celeb_a_hq/256 reads); $SD_VAE = stabilityai/sd-vae-ft-mse in the diffusers layout
+(config.json + diffusion_pytorch_model.safetensors); $INCEPTION = pytorch-fid's
+pt_inception-2015-12-05-6726825d.pth.
+Train (encodes the latents first), sample, evaluate:
+
+  python -m lfm_jax.main --config=configs/celeba_hq_256_dit_l2.py --workdir=$WORKDIR \
+      --config.data.manual_dir=$MANUAL_DIR --config.autoencoder.pretrained=$SD_VAE
+  python -m lfm_jax.main --config=configs/celeba_hq_256_dit_l2.py --workdir=$WORKDIR \
+      --mode=sample --config.data.manual_dir=$MANUAL_DIR --config.autoencoder.pretrained=$SD_VAE
+  python -m lfm_jax.main --config=configs/celeba_hq_256_dit_l2.py --workdir=$WORKDIR \
+      --mode=evaluate --config.data.manual_dir=$MANUAL_DIR \
+      --config.autoencoder.pretrained=$SD_VAE --config.eval.inception_weights=$INCEPTION
 """
 
 from configs import _paper

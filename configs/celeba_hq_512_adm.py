@@ -6,6 +6,20 @@ channel_mult (1, 2, 2, 2, 4), 2 res blocks, attention "16 8" as guided-diffusion
 factors (64x64 latent: attention at 4x4 and 8x8); batch 6 per GPU x 8 GPUs = 48, 1,000 epochs
 of 27,000 images (= 562,000 steps), AdamW lr 2e-5 constant, no EMA.
 Sampling: Dopri5, atol = rtol = 1e-5. FID 6.35 (50k samples; official checkpoint epoch 425).
+
+Files: $MANUAL_DIR/data512x512.tar (the 30,000 CelebA-HQ images at 512x512, PNG or JPEG: what
+tfds' celeb_a_hq/512 reads); $SD_VAE = stabilityai/sd-vae-ft-mse in the diffusers layout
+(config.json + diffusion_pytorch_model.safetensors); $INCEPTION = pytorch-fid's
+pt_inception-2015-12-05-6726825d.pth.
+Train (encodes the latents first), sample, evaluate:
+
+  python -m lfm_jax.main --config=configs/celeba_hq_512_adm.py --workdir=$WORKDIR \
+      --config.data.manual_dir=$MANUAL_DIR --config.autoencoder.pretrained=$SD_VAE
+  python -m lfm_jax.main --config=configs/celeba_hq_512_adm.py --workdir=$WORKDIR \
+      --mode=sample --config.data.manual_dir=$MANUAL_DIR --config.autoencoder.pretrained=$SD_VAE
+  python -m lfm_jax.main --config=configs/celeba_hq_512_adm.py --workdir=$WORKDIR \
+      --mode=evaluate --config.data.manual_dir=$MANUAL_DIR \
+      --config.autoencoder.pretrained=$SD_VAE --config.eval.inception_weights=$INCEPTION
 """
 
 from configs import _paper

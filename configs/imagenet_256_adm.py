@@ -7,6 +7,20 @@ model_channels 256, channel_mult (1, 2, 3, 4), 2 res blocks, attention at latent
 Label dropout 0.1 for guidance (EDM's null label is the zero one-hot; lfm_jax: index 1000).
 Sampling: Dopri5, atol = rtol = 1e-5, CFG scale 1.25. FID 8.58 (50k samples; official
 checkpoint epoch 1125).
+
+Files: $MANUAL_DIR/ILSVRC2012_img_train.tar and ILSVRC2012_img_val.tar (image-net.org, what tfds'
+imagenet2012 reads); $SD_VAE = stabilityai/sd-vae-ft-mse in the diffusers layout (config.json +
+diffusion_pytorch_model.safetensors); $INCEPTION = pytorch-fid's
+pt_inception-2015-12-05-6726825d.pth.
+Train (encodes the latents first), sample, evaluate:
+
+  python -m lfm_jax.main --config=configs/imagenet_256_adm.py --workdir=$WORKDIR \
+      --config.data.manual_dir=$MANUAL_DIR --config.autoencoder.pretrained=$SD_VAE
+  python -m lfm_jax.main --config=configs/imagenet_256_adm.py --workdir=$WORKDIR \
+      --mode=sample --config.data.manual_dir=$MANUAL_DIR --config.autoencoder.pretrained=$SD_VAE
+  python -m lfm_jax.main --config=configs/imagenet_256_adm.py --workdir=$WORKDIR \
+      --mode=evaluate --config.data.manual_dir=$MANUAL_DIR \
+      --config.autoencoder.pretrained=$SD_VAE --config.eval.inception_weights=$INCEPTION
 """
 
 from configs import _paper

@@ -6,6 +6,20 @@ DiT-B/2 (12 layers, hidden 768, 12 heads, patch 2), 1,000 classes, label dropout
 (= 1,000,000 steps), AdamW lr 1e-4 constant, fp32, gradient checkpointing, no EMA.
 Sampling: Dopri5, atol = rtol = 1e-5, CFG scale 1.5 (v = v_u + 1.5 (v_c - v_u)).
 FID 4.46 (50k samples; official checkpoint epoch 875).
+
+Files: $MANUAL_DIR/ILSVRC2012_img_train.tar and ILSVRC2012_img_val.tar (image-net.org, what tfds'
+imagenet2012 reads); $SD_VAE = stabilityai/sd-vae-ft-mse in the diffusers layout (config.json +
+diffusion_pytorch_model.safetensors); $INCEPTION = pytorch-fid's
+pt_inception-2015-12-05-6726825d.pth.
+Train (encodes the latents first), sample, evaluate:
+
+  python -m lfm_jax.main --config=configs/imagenet_256_dit_b2.py --workdir=$WORKDIR \
+      --config.data.manual_dir=$MANUAL_DIR --config.autoencoder.pretrained=$SD_VAE
+  python -m lfm_jax.main --config=configs/imagenet_256_dit_b2.py --workdir=$WORKDIR \
+      --mode=sample --config.data.manual_dir=$MANUAL_DIR --config.autoencoder.pretrained=$SD_VAE
+  python -m lfm_jax.main --config=configs/imagenet_256_dit_b2.py --workdir=$WORKDIR \
+      --mode=evaluate --config.data.manual_dir=$MANUAL_DIR \
+      --config.autoencoder.pretrained=$SD_VAE --config.eval.inception_weights=$INCEPTION
 """
 
 from configs import _paper

@@ -5,6 +5,21 @@ model_channels 256, channel_mult (1, 2, 3, 4), 2 res blocks, attention at latent
 16, 8, 4, 64 channels per head; batch 128 on 1 GPU, 500 epochs of the first 120,000 bedroom
 images (= 468,500 steps), AdamW lr 1e-5 constant, fp32, no EMA.
 Sampling: Dopri5, atol = rtol = 1e-5. FID 7.05 (50k samples; official checkpoint epoch 425).
+
+Files: $MANUAL_DIR/bedroom_train_lmdb/ (data.mdb; or bedroom_train_lmdb.zip) from fyu/lsun's
+download.py -c bedroom (only the first 120,000 keys are prepared), and optionally
+bedroom_val_lmdb[.zip]; $SD_VAE = stabilityai/sd-vae-ft-mse in the diffusers layout (config.json +
+diffusion_pytorch_model.safetensors); $INCEPTION = pytorch-fid's
+pt_inception-2015-12-05-6726825d.pth.
+Train (encodes the latents first), sample, evaluate:
+
+  python -m lfm_jax.main --config=configs/lsun_bedroom_256_adm.py --workdir=$WORKDIR \
+      --config.data.manual_dir=$MANUAL_DIR --config.autoencoder.pretrained=$SD_VAE
+  python -m lfm_jax.main --config=configs/lsun_bedroom_256_adm.py --workdir=$WORKDIR \
+      --mode=sample --config.data.manual_dir=$MANUAL_DIR --config.autoencoder.pretrained=$SD_VAE
+  python -m lfm_jax.main --config=configs/lsun_bedroom_256_adm.py --workdir=$WORKDIR \
+      --mode=evaluate --config.data.manual_dir=$MANUAL_DIR \
+      --config.autoencoder.pretrained=$SD_VAE --config.eval.inception_weights=$INCEPTION
 """
 
 from configs import _paper

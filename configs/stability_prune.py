@@ -17,13 +17,36 @@ Protocol (official code briqr/explo-r-it-ing_lfm_stability, train_fm.py and PAPE
      (CelebA-HQ, FFHQ) or 1,000 (ImageNet), balanced selection (equal count per cluster, nearest
      to the centre, shortfalls of small clusters redistributed);
    - random / kcenter (k-center coreset) / herding (kernel herding): baselines.
-2. `--mode=train --config.data.subset.scores=WORKDIR/scores...` trains on the kept subset.
+2. `--mode=train` trains on the kept subset (the scores of step 1 in the same workdir, or
+   `--config.data.subset.scores=PATH/scores_<criterion>.npz`).
 Training (paper 2): AdamW lr 1e-4 constant, EMA 0.9999, global batch 128, checkpoints every 10k;
 SD KL-f8 latents (the paper's own VQ-GAN f8 with scale 1/std, e.g. 0.8077 on CelebA-HQ, is the
 alternative; its `vae_pretrained` option is this config's choice). Steps: 100k [uncertain].
 Evaluation: FID (and precision/recall) on 4,096 samples against the validation split.
 Reported [uncertain, secondary source]: pruning 50% of CelebA-HQ with balanced clustering slightly
 improves FID; 75% of ImageNet can be pruned; same-seed outputs stay near-identical.
+
+Files (CelebA-HQ, the default data set): $MANUAL_DIR/data256x256.tar (the 30,000 CelebA-HQ images at
+256x256); $SD_VAE = stabilityai/sd-vae-ft-mse in the diffusers layout; $INCEPTION = pytorch-fid's
+pt_inception-2015-12-05-6726825d.pth (the cluster score's embedding and FID). ffhq and imagenet
+take the manual files of configs/ffhq_256_adm.py and configs/imagenet_256_adm.py. Score (encodes
+the latents first), train on the kept half, sample, evaluate:
+
+  python -m lfm_jax.main --config=configs/stability_prune.py:cluster,0.5 --workdir=$WORKDIR \
+      --mode=score --config.data.manual_dir=$MANUAL_DIR --config.autoencoder.pretrained=$SD_VAE \
+      --config.eval.inception_weights=$INCEPTION
+  python -m lfm_jax.main --config=configs/stability_prune.py:cluster,0.5 --workdir=$WORKDIR \
+      --config.data.manual_dir=$MANUAL_DIR --config.autoencoder.pretrained=$SD_VAE
+  python -m lfm_jax.main --config=configs/stability_prune.py:cluster,0.5 --workdir=$WORKDIR \
+      --mode=sample --config.data.manual_dir=$MANUAL_DIR --config.autoencoder.pretrained=$SD_VAE
+  python -m lfm_jax.main --config=configs/stability_prune.py:cluster,0.5 --workdir=$WORKDIR \
+      --mode=evaluate --config.data.manual_dir=$MANUAL_DIR \
+      --config.autoencoder.pretrained=$SD_VAE --config.eval.inception_weights=$INCEPTION
+
+The loss and gradient criteria score with a small model trained first on all the data (the
+official DiT-S/2 for 30k steps, e.g. `--config=configs/stability_prune.py:loss,0.5
+--workdir=$SCORER --config.data.subset.ratio=0.0 --config.train.num_steps=30000`) and name it
+with `--config.score.model_workdir=$SCORER` in the score command.
 """
 
 from configs import _paper
