@@ -263,7 +263,8 @@ def train_and_evaluate(config: Any, workdir: Any, data: Iterator[Mapping[str, np
   latent_shape = _peek_latent_shape(data)
   if model is None:
     from lfm_jax import models  # pylint: disable=g-import-not-at-top
-    model = models.create_model(config.model, latent_shape)
+    model = models.create_model(config.model, latent_shape, dtype=precision.dtype_from_name(
+        tcfg.compute_dtype, "train.compute_dtype"))
   if scale_factor is None:
     scale_factor = float(config.autoencoder.scale_factor or 1.0)
   tx, schedule = optim.create_optimizer(tcfg)
