@@ -14,9 +14,10 @@ are then encoded on the fly every step, which is slower).
 Sampling: Dopri5, atol = rtol = 1e-5 (the official training-time preview used 1e-8).
 Evaluation (LFM's protocol, after MAT): FID of the inpainted images of the test split against
 the same images' ground truth (eval.reference_split = the eval split; every one of its 3,000
-images once, eval.num_samples being larger). The paper's inpainting table reports FID / U-IDS /
-P-IDS with MAT's fixed test masks; to use such masks, give them as <dir>/<id:06d>.png with
-`--config.data.mask_kind=dir --config.data.mask_path=<dir>` for the sample and evaluate commands.
+images once, eval.num_samples being larger). The paper's inpainting table uses MAT's fixed test
+masks (its metrics, FID and possibly MAT's U-IDS / P-IDS, are not restated here [uncertain]); to
+use such masks, give them as <dir>/<id:06d>.png with `--config.data.mask_kind=dir
+--config.data.mask_path=<dir>` for the sample and evaluate commands.
 
 Files: $MANUAL_DIR/data256x256.tar (the 30,000 CelebA-HQ images at 256x256: what tfds'
 celeb_a_hq/256 reads); $SD_VAE = stabilityai/sd-vae-ft-mse in the diffusers layout;
@@ -40,7 +41,7 @@ evaluate:
 from configs import _paper
 
 EPOCHS = 500
-PAPER_FID = None  # the paper's inpainting table (FID / U-IDS / P-IDS with MAT's masks)
+PAPER_FID = None  # the paper's inpainting table, with MAT's masks (see docstring)
 
 
 def get_config():

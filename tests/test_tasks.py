@@ -373,3 +373,25 @@ def test_on_the_fly_batches_and_resume(digits_inpainting, tmp_path):
   assert int(state.step) == 2
   assert os.path.isdir(tmp_path / "checkpoints")
   assert isinstance(cfg, ml_collections.ConfigDict)
+
+
+def test_training_preview_grid_shows_inputs_masks_and_pasted_results(digits_inpainting, tmp_path):
+  """The trainer's sample_every callback for a conditional task (stages._grid_sampler)."""
+  from lfm_jax import stages  # pylint: disable=g-import-not-at-top
+  from lfm_jax.models.dit import DiT  # pylint: disable=g-import-not-at-top
+  cfg, ae = digits_inpainting
+  cfg = ml_collections.ConfigDict(cfg.to_dict())
+  cfg.sample.update(solver="euler", num_steps=2)
+  session = stages.Session(cfg, str(tmp_path))
+  session._autoencoder = ae  # pylint: disable=protected-access
+  module = DiT(hidden_size=16, depth=1, patch_size=2, num_heads=2, extra_in_channels=5)
+  params = random_params(module, (1, 4, 4, 4), t=jnp.zeros((1,)), cond=jnp.zeros((1, 4, 4, 5)))
+  preview = stages._grid_sampler(session, module, (4, 4, 4), SCALE)  # pylint: disable=protected-access
+  images = preview(params, 7)
+  assert images.shape == (12, S, S, 1) and np.isfinite(images).all()
+  inputs, masks, results = images[:4], images[4:8], images[8:]
+  assert set(np.unique(masks)) <= {-1.0, 1.0}  # white = known
+  known = masks == 1.0
+  assert known.any() and (~known).any()
+  np.testing.assert_array_equal(results[known], inputs[known])
+  assert (inputs[~known] == -1.0).all()  # holes are black in the network's masked input
