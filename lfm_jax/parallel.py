@@ -17,6 +17,8 @@ and each device takes its slice (`global_from_full`); results come back to every
 import functools
 import math
 import os
+import socket
+import time
 from typing import Any, Callable, Mapping, Optional
 
 from absl import logging
@@ -72,6 +74,20 @@ def _explicit_cluster(environ: Mapping[str, str]) -> dict[str, Any]:
   return kw
 
 
+def _wait_for_port(address: str, timeout_s: float) -> bool:
+  """True once a TCP connection to host:port succeeds, False after `timeout_s` seconds."""
+  host, _, port = address.rpartition(":")
+  deadline = time.monotonic() + timeout_s
+  while True:
+    try:
+      with socket.create_connection((host.strip("[]"), int(port)), timeout=2):
+        return True
+    except OSError:
+      if time.monotonic() > deadline:
+        return False
+      time.sleep(0.5)
+
+
 def maybe_initialize_distributed(environ: Optional[Mapping[str, str]] = None,
                                  timeout_s: Optional[int] = None) -> bool:
   """Calls `jax.distributed.initialize()` when the platform describes a multi-process job.
@@ -94,16 +110,23 @@ def maybe_initialize_distributed(environ: Optional[Mapping[str, str]] = None,
   kw = _explicit_cluster(environ)
   # CPU hosts talk over gloo; the option only concerns the CPU client.
   jax.config.update("jax_cpu_collectives_implementation", "gloo")
-  try:
-    jax.distributed.initialize(initialization_timeout=timeout_s, **kw)
-  except Exception as e:  # pylint: disable=broad-except
+  def fail(reason, cause=None):
     where = kw.get("coordinator_address", "the coordinator JAX detected")
     raise DistributedError(
         f"jax.distributed could not start within {timeout_s} s (coordinator {where}, "
         f"{kw.get('num_processes', '?')} processes, this is process {kw.get('process_id', '?')}):"
-        f" {str(e).splitlines()[0] if str(e) else type(e).__name__}. Check that every process "
-        "runs the same command, that JAX_NUM_PROCESSES matches the processes started and that "
-        "the coordinator address is reachable.") from e
+        f" {reason}. Check that every process runs the same command, that JAX_NUM_PROCESSES "
+        "matches the processes started and that the coordinator address is reachable.") from cause
+
+  # A client whose coordinator never answers is terminated from C++ (no Python exception), so
+  # processes other than the coordinator's own first wait for its port here.
+  if kw.get("coordinator_address") and kw.get("process_id", 0) != 0:
+    if not _wait_for_port(kw["coordinator_address"], timeout_s):
+      fail("nothing listens at the coordinator address")
+  try:
+    jax.distributed.initialize(initialization_timeout=timeout_s, **kw)
+  except Exception as e:  # pylint: disable=broad-except
+    fail(str(e).splitlines()[0] if str(e) else type(e).__name__, e)
   logging.info("jax.distributed initialised: process %d of %d, %d local / %d global devices",
                jax.process_index(), jax.process_count(), jax.local_device_count(),
                jax.device_count())

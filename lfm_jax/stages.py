@@ -9,7 +9,6 @@ the config, starts jax.distributed when the platform asks for it, prepares the w
 dispatches; library errors a user can fix become one `UserError` line here, in one place.
 """
 
-import dataclasses
 import time
 from typing import Callable, Optional
 

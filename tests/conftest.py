@@ -16,6 +16,9 @@ import time  # noqa: E402
 import jax  # noqa: E402
 import pytest  # noqa: E402
 
+# The GCS emulator is one per session (TensorStore reads its endpoint once per process).
+from gcs_emulator import gcs_bucket, gcs_emulator  # noqa: E402,F401  pylint: disable=unused-import
+
 jax.config.update("jax_default_matmul_precision", "highest")
 
 # The tiny pipeline every multi-stage test starts from: 1 process x 8 devices, the modes below.
@@ -41,8 +44,13 @@ def pytest_collection_modifyitems(config, items):
 
 @pytest.fixture(scope="session")
 def digits_data_dir(tmp_path_factory):
-  """A tfds data dir the tiny pipelines prepare lfm_digits in (shared by the whole session)."""
-  return str(tmp_path_factory.mktemp("tfds"))
+  """A tfds data dir with lfm_digits prepared (shared by the whole session, so concurrent child
+  processes never prepare it at once)."""
+  from helpers import tiny_config  # pylint: disable=g-import-not-at-top
+  from lfm_jax import data  # pylint: disable=g-import-not-at-top
+  path = str(tmp_path_factory.mktemp("tfds"))
+  data.prepare(tiny_config(path).data)
+  return path
 
 
 @pytest.fixture(scope="session")

@@ -24,15 +24,14 @@ only the two Google storage hosts, and only to the emulator; it refuses every ot
 TensorStore reads TENSORSTORE_GCS_HTTP_URL once per process, so one process talks to one emulator:
 a later start in the same process takes the same port again (or fails saying why).
 
-Use in tests (session-scoped; a test keeps to its own prefix of the shared bucket):
-
-    from gcs_emulator import gcs_bucket  # noqa: F401  (the fixture, imported into the module)
+Use in tests: tests/conftest.py registers the session-scoped fixtures (one emulator for the
+whole session; a test keeps to its own prefix of the shared bucket):
 
     def test_x(gcs_bucket):              # "gs://lfm-test"
       root = epath.Path(gcs_bucket) / "test_x"
       subprocess.run([sys.executable, "-m", "lfm_jax.main", f"--workdir={root}"], check=True)
 
-or for a whole suite, `pytest_plugins = ["gcs_emulator"]` in conftest.py. If the emulator cannot be
+If the emulator cannot be
 installed or started, the fixture fails the test with the reason: it never skips and never falls
 back to local disk.
 """

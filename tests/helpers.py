@@ -67,3 +67,28 @@ def set_keys(config, overrides):
       node = node[p]
     node[leaf] = value
   return config
+
+
+def load_fidelity_module(name: str):
+  """One torch_fidelity module file, without running the package's __init__ (which imports
+  torchvision): a bare package object with the real __spec__ stands in for the package."""
+  import importlib.util  # pylint: disable=g-import-not-at-top
+  import types  # pylint: disable=g-import-not-at-top
+  import pytest  # pylint: disable=g-import-not-at-top
+  pkg = sys.modules.get("torch_fidelity")
+  if pkg is None:
+    spec = importlib.util.find_spec("torch_fidelity")
+    if spec is None or not spec.submodule_search_locations:
+      pytest.skip("torch-fidelity not installed")
+    pkg = types.ModuleType("torch_fidelity")
+    pkg.__path__ = list(spec.submodule_search_locations)
+    pkg.__spec__ = spec
+    sys.modules["torch_fidelity"] = pkg
+  full = f"torch_fidelity.{name}"
+  if full not in sys.modules:
+    mspec = importlib.util.spec_from_file_location(
+        full, os.path.join(pkg.__path__[0], f"{name}.py"))
+    mod = importlib.util.module_from_spec(mspec)
+    sys.modules[full] = mod
+    mspec.loader.exec_module(mod)
+  return sys.modules[full]

@@ -139,24 +139,9 @@ def tiny_inception(path: str, seed: int = 0) -> str:
   """A random-weight FID InceptionV3 (pool3 and the 1008-way fc) saved as a torch state dict in
   pytorch-fid's layout, from torch-fidelity's module; BatchNorm statistics calibrated on one
   random batch so the features stay O(1)."""
-  import importlib.util  # pylint: disable=g-import-not-at-top
-  import sys  # pylint: disable=g-import-not-at-top
-  import types  # pylint: disable=g-import-not-at-top
   import torch  # pylint: disable=g-import-not-at-top
-  spec = importlib.util.find_spec("torch_fidelity")
-  root = list(spec.submodule_search_locations)[0]
-  if "torch_fidelity" not in sys.modules:  # a bare package: submodules import from its path
-    pkg = types.ModuleType("torch_fidelity")
-    pkg.__path__ = [root]
-    sys.modules["torch_fidelity"] = pkg
-  name = "torch_fidelity.feature_extractor_inceptionv3"
-  if name not in sys.modules:
-    mspec = importlib.util.spec_from_file_location(
-        name, os.path.join(root, "feature_extractor_inceptionv3.py"))
-    mod = importlib.util.module_from_spec(mspec)
-    sys.modules[name] = mod
-    mspec.loader.exec_module(mod)
-  fe = sys.modules[name]
+  from helpers import load_fidelity_module  # pylint: disable=g-import-not-at-top
+  fe = load_fidelity_module("feature_extractor_inceptionv3")
   torch.manual_seed(seed)
 
   class NoDownload(fe.FeatureExtractorInceptionV3):

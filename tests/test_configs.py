@@ -195,6 +195,9 @@ def test_velocity_model_traces(name, arg):
   y = (jax.ShapeDtypeStruct((batch,), jnp.int32) if config.model.num_classes > 0 else None)
   extra = config.model.extra_in_channels
   cond = (jax.ShapeDtypeStruct((batch,) + shape[:2] + (extra,), jnp.float32) if extra else None)
+  if config.model.get("semantic_classes", 0):  # cond is the (B, S, S) class map at image size
+    size = config.data.image_size
+    cond = jax.ShapeDtypeStruct((batch, size, size), jnp.int32)
 
   def init_and_apply(key, x, t, y, cond):
     variables = model.init({"params": key, "dropout": key}, x, t, y=y, cond=cond, train=False)

@@ -2,7 +2,6 @@
 between meshes and device counts, sampling under FSDP, and the FSDP rule itself."""
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 

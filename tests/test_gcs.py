@@ -24,7 +24,6 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from gcs_emulator import gcs_bucket, gcs_emulator  # noqa: F401  (fixtures)
 
 
 @pytest.fixture

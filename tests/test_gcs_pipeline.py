@@ -10,9 +10,7 @@ import sys
 import time
 
 from etils import epath
-import pytest
 
-from gcs_emulator import gcs_bucket, gcs_emulator  # noqa: F401  pylint: disable=unused-import
 from helpers import REPO, cli_flags
 
 
@@ -35,8 +33,7 @@ def _records(path):
     return []
 
 
-def test_pipeline_on_gs_killed_and_resumed(gcs_bucket, digits_data_dir, reference_run):
-  del reference_run  # prepares the digits data set in digits_data_dir
+def test_pipeline_on_gs_killed_and_resumed(gcs_bucket, digits_data_dir):
   workdir = epath.Path(gcs_bucket) / "pipeline"
   overrides = {"train.num_steps": 60, "train.log_every": 5, "train.checkpoint_every": 10}
   cmd = _cli(str(workdir), digits_data_dir, **overrides)

@@ -4,7 +4,6 @@ the Python API returns what --mode=sample wrote; exports load back and convert t
 
 import os
 
-import jax
 import numpy as np
 import pytest
 

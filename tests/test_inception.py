@@ -1,9 +1,5 @@
 """FID InceptionV3: Flax port vs torch-fidelity's pure-torch feature extractor (random weights)."""
 
-import importlib.util
-import os
-import sys
-import types
 
 import numpy as np
 import pytest
@@ -11,29 +7,13 @@ import pytest
 import jax
 import jax.numpy as jnp
 
+from helpers import load_fidelity_module
 from lfm_jax.converters.common import WeightConversionError
 from lfm_jax.converters.inception import convert_inception_state_dict, load_inception
 from lfm_jax.models.inception import InceptionV3, resize_bilinear_tf1
 
 
-def _load_fidelity_module(name):
-  """Loads one torch_fidelity module file without importing the package (which pulls torchvision)."""
-  spec = importlib.util.find_spec("torch_fidelity")
-  if spec is None or not spec.submodule_search_locations:
-    pytest.skip("torch-fidelity not installed")
-  root = list(spec.submodule_search_locations)[0]
-  if "torch_fidelity" not in sys.modules:  # a bare package object: submodules import lazily from it
-    pkg = types.ModuleType("torch_fidelity")
-    pkg.__path__ = [root]
-    sys.modules["torch_fidelity"] = pkg
-  full = f"torch_fidelity.{name}"
-  if full in sys.modules:
-    return sys.modules[full]
-  mspec = importlib.util.spec_from_file_location(full, os.path.join(root, f"{name}.py"))
-  mod = importlib.util.module_from_spec(mspec)
-  sys.modules[full] = mod
-  mspec.loader.exec_module(mod)
-  return mod
+_load_fidelity_module = load_fidelity_module
 
 
 @pytest.fixture(scope="module")

@@ -1,8 +1,6 @@
 """Inception Score: the pure function and the streaming stats against torch-fidelity's IS, and
 the InceptionV3 logits against torch-fidelity's FID Inception on the same random weights."""
 
-import importlib.util
-import os
 import sys
 import types
 
@@ -11,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from helpers import load_fidelity_module
 from lfm_jax.converters.common import WeightConversionError
 from lfm_jax.converters.inception import (convert_inception_logits, convert_inception_state_dict,
                                           load_inception_with_logits)
@@ -20,25 +19,7 @@ from lfm_jax.models.inception import InceptionV3, resize_bilinear_tf1, variable_
 
 
 
-def _load_fidelity_module(name):
-  """One torch_fidelity module file, without running the package's __init__ (torchvision)."""
-  pkg = sys.modules.get("torch_fidelity")
-  if pkg is None:
-    spec = importlib.util.find_spec("torch_fidelity")
-    if spec is None or not spec.submodule_search_locations:
-      pytest.skip("torch-fidelity not installed")
-    pkg = types.ModuleType("torch_fidelity")  # a bare package: submodules import from its path
-    pkg.__path__ = list(spec.submodule_search_locations)
-    pkg.__spec__ = spec  # find_spec keeps working for other test modules
-    sys.modules["torch_fidelity"] = pkg
-  full = f"torch_fidelity.{name}"
-  if full not in sys.modules:
-    mspec = importlib.util.spec_from_file_location(
-        full, os.path.join(pkg.__path__[0], f"{name}.py"))
-    mod = importlib.util.module_from_spec(mspec)
-    sys.modules[full] = mod
-    mspec.loader.exec_module(mod)
-  return sys.modules[full]
+_load_fidelity_module = load_fidelity_module
 
 
 @pytest.fixture(scope="module")

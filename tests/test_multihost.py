@@ -4,16 +4,21 @@ coordinator that cannot be reached fails fast with a clear message."""
 
 import json
 import os
+import shutil
 import signal
 import time
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
 import multihost
 from conftest import REFERENCE_MODES
-from helpers import tree_max_abs_diff
+from helpers import tiny_config, tree_max_abs_diff
 from lfm_jax import artifacts
+from lfm_jax import autoencoder_train
+from lfm_jax import data
 from lfm_jax import latents
 from lfm_jax import weights
 from lfm_jax import workdir as workdir_lib
@@ -22,12 +27,34 @@ from lfm_jax import writers
 
 @pytest.fixture(scope="module")
 def two_hosts(reference_run, digits_data_dir, tmp_path_factory):
-  """The reference run's modes as 2 processes x 4 devices, on a fresh workdir."""
+  """`train` on a fresh workdir as 2 processes x 4 devices (it trains the autoencoder, encodes,
+  trains the flow model): the training stages, compared with the reference run's."""
   workdir = str(tmp_path_factory.mktemp("two_hosts") / "w")
   t0 = time.time()
-  logs = multihost.run_stages(workdir, {}, REFERENCE_MODES, data_dir=digits_data_dir,
+  logs = multihost.run_stages(workdir, {}, ["train"], data_dir=digits_data_dir,
                               processes=2, devices=4)
-  print(f"2 processes x 4 devices, modes {REFERENCE_MODES}: {time.time() - t0:.1f} s")
+  print(f"2 processes x 4 devices, train: {time.time() - t0:.1f} s")
+  assert all("ALL MODES DONE" in log for log in logs)
+  return workdir, logs
+
+
+@pytest.fixture(scope="module")
+def two_hosts_inference(reference_run, digits_data_dir, tmp_path_factory):
+  """The reference run's trained models, with every output the inference modes write removed,
+  run through `encode`, `pipeline`, `score` and `stability` as 2 processes x 4 devices: the
+  same artifacts in, so the outputs must be the reference's."""
+  workdir = str(tmp_path_factory.mktemp("two_hosts_inference") / "w")
+  shutil.copytree(reference_run["workdir"], workdir)
+  for sub in ("latents", "samples", "scores", "stability", "export"):
+    shutil.rmtree(os.path.join(workdir, sub))
+  for f in os.listdir(os.path.join(workdir, "eval")):
+    if not f.startswith("digits_classifier"):  # the trained classifier is an input, kept
+      os.remove(os.path.join(workdir, "eval", f))
+  t0 = time.time()
+  modes = ("encode",) + REFERENCE_MODES[1:]
+  logs = multihost.run_stages(workdir, {}, modes, data_dir=digits_data_dir, processes=2,
+                              devices=4)
+  print(f"2 processes x 4 devices, {modes}: {time.time() - t0:.1f} s")
   assert all("ALL MODES DONE" in log for log in logs)
   return workdir, logs
 
@@ -38,15 +65,51 @@ def test_only_process_0_reports(two_hosts):
   assert "[lfm_jax]" not in logs[1]
 
 
-def test_autoencoder_and_latent_cache_identical(reference_run, two_hosts):
+def test_autoencoder_training_identical_where_it_has_a_gradient(reference_run, two_hosts,
+                                                                digits_data_dir):
+  """Params agree to 1e-6 wherever the loss has a gradient. The biases of convolutions that feed
+  a GroupNorm with one channel per group have none (the norm cancels them): their gradient is
+  rounding noise, which depends on the all-reduce order, and Adam turns it into steps of the
+  learning rate. Those elements must be the only ones that differ."""
   ref, two = reference_run["workdir"], two_hosts[0]
-  _, a = weights.load_autoencoder_kl(os.path.join(ref, "autoencoder", "diffusers"))
+  module, a = weights.load_autoencoder_kl(os.path.join(ref, "autoencoder", "diffusers"))
   _, b = weights.load_autoencoder_kl(os.path.join(two, "autoencoder", "diffusers"))
-  diff = tree_max_abs_diff(a, b)
-  print(f"autoencoder params, 1x8 vs 2x4: max |diff| = {diff:.3g}")
-  assert diff <= 1e-6
-  ca = latents.LatentCache.open(os.path.join(ref, "latents"))
-  cb = latents.LatentCache.open(os.path.join(two, "latents"))
+  images = data.load_images(tiny_config(digits_data_dir).data, "train", max_examples=64)[0]
+  grads = jax.grad(lambda p: autoencoder_train.autoencoder_loss(
+      module, p, jnp.asarray(images), jax.random.key(0))[0])(a)
+  diffs = jax.tree.map(lambda x, y: np.abs(np.asarray(x) - np.asarray(y)), a, b)
+  gradient = jax.tree.map(lambda g: np.abs(np.asarray(g)), grads)
+  scale = max(float(np.max(g)) for g in jax.tree.leaves(gradient))
+  differ = sum(int(np.sum(d > 1e-6)) for d in jax.tree.leaves(diffs))
+  with_gradient = max(float(np.max(np.where(g > 1e-6 * scale, d, 0.0)))
+                      for d, g in zip(jax.tree.leaves(diffs), jax.tree.leaves(gradient)))
+  print(f"autoencoder params, 1x8 vs 2x4: max |diff| = {tree_max_abs_diff(a, b):.3g} "
+        f"({differ} of {sum(d.size for d in jax.tree.leaves(diffs))} elements > 1e-6); "
+        f"where the gradient is not zero: {with_gradient:.3g}")
+  assert with_gradient <= 1e-6
+
+
+def test_flow_training_follows_the_same_trajectory(reference_run, two_hosts):
+  """The same losses at every logged step. The params are reported, not held to 1e-6: the
+  all-reduce order differs between 1x8 and 2x4, and the autoencoder above already differs in
+  the last bits, so the latents and every later step differ by rounding that Adam amplifies."""
+  la = {r["step"]: r["loss"] for r in writers.read_jsonl(
+      os.path.join(reference_run["workdir"], "metrics.jsonl")) if "loss" in r}
+  lb = {r["step"]: r["loss"] for r in writers.read_jsonl(
+      os.path.join(two_hosts[0], "metrics.jsonl")) if "loss" in r}
+  print("flow losses 1x8 / 2x4:", {s: (la[s], lb.get(s)) for s in la})
+  assert la.keys() == lb.keys() and all(abs(la[s] - lb[s]) <= 1e-4 * abs(la[s]) for s in la)
+  for use_ema in (False, True):
+    a = artifacts.load_flow_model(reference_run["workdir"], use_ema=use_ema)
+    b = artifacts.load_flow_model(two_hosts[0], use_ema=use_ema)
+    diff = tree_max_abs_diff(a.params, b.params)
+    print(f"flow {'EMA' if use_ema else 'params'} after 20 steps, 1x8 vs 2x4: {diff:.3g}")
+    assert diff <= 1e-2
+
+
+def test_latent_cache_identical(reference_run, two_hosts_inference):
+  ca = latents.LatentCache.open(os.path.join(reference_run["workdir"], "latents"))
+  cb = latents.LatentCache.open(os.path.join(two_hosts_inference[0], "latents"))
   assert ca.num_examples == cb.num_examples == 1437 and ca.num_groups == cb.num_groups
   ra, rb = ca.read(), cb.read()
   np.testing.assert_array_equal(ra["id"], rb["id"])
@@ -57,36 +120,23 @@ def test_autoencoder_and_latent_cache_identical(reference_run, two_hosts):
   assert ca.manifest["latent_std"] == pytest.approx(cb.manifest["latent_std"], rel=1e-6)
 
 
-def test_train_params_and_ema_identical(reference_run, two_hosts):
-  for use_ema in (False, True):
-    a = artifacts.load_flow_model(reference_run["workdir"], use_ema=use_ema)
-    b = artifacts.load_flow_model(two_hosts[0], use_ema=use_ema)
-    diff = tree_max_abs_diff(a.params, b.params)
-    print(f"flow {'EMA' if use_ema else 'params'} after 20 steps, 1x8 vs 2x4: {diff:.3g}")
-    assert diff <= 1e-6
-  la = {r["step"]: r["loss"] for r in writers.read_jsonl(
-      os.path.join(reference_run["workdir"], "metrics.jsonl")) if "loss" in r}
-  lb = {r["step"]: r["loss"] for r in writers.read_jsonl(
-      os.path.join(two_hosts[0], "metrics.jsonl")) if "loss" in r}
-  assert la.keys() == lb.keys() and all(abs(la[s] - lb[s]) < 1e-6 for s in la)
-
-
 def _npz(path):
   with np.load(path) as z:
     return {k: z[k] for k in z.files}
 
 
-def test_samples_identical(reference_run, two_hosts):
+def test_samples_identical(reference_run, two_hosts_inference):
   name = os.path.join("samples", "samples_euler_g1.5.npz")
-  a, b = _npz(os.path.join(reference_run["workdir"], name)), _npz(os.path.join(two_hosts[0], name))
+  a = _npz(os.path.join(reference_run["workdir"], name))
+  b = _npz(os.path.join(two_hosts_inference[0], name))
   diff = float(np.max(np.abs(a["images"] - b["images"])))
   print(f"sample images, 1x8 vs 2x4: max |diff| = {diff:.3g}")
-  assert a["images"].shape == (20, 8, 8, 1) and diff <= 1e-5
+  assert a["images"].shape == (20, 8, 8, 1) and diff <= 1e-6
   np.testing.assert_array_equal(a["labels"], b["labels"])
 
 
-def test_evaluate_statistics_and_metrics_identical(reference_run, two_hosts):
-  ref, two = reference_run["workdir"], two_hosts[0]
+def test_evaluate_statistics_and_metrics_identical(reference_run, two_hosts_inference):
+  ref, two = reference_run["workdir"], two_hosts_inference[0]
   a = _npz(os.path.join(ref, "eval", "generated_digits_classifier.npz"))
   b = _npz(os.path.join(two, "eval", "generated_digits_classifier.npz"))
   for k in ("mu", "sigma"):
@@ -107,8 +157,8 @@ def test_evaluate_statistics_and_metrics_identical(reference_run, two_hosts):
       assert mb[k] == pytest.approx(v, abs=1e-8), k
 
 
-def test_score_and_stability_identical(reference_run, two_hosts):
-  ref, two = reference_run["workdir"], two_hosts[0]
+def test_score_and_stability_identical(reference_run, two_hosts_inference):
+  ref, two = reference_run["workdir"], two_hosts_inference[0]
   a = _npz(os.path.join(ref, "scores", "scores_cluster.npz"))
   b = _npz(os.path.join(two, "scores", "scores_cluster.npz"))
   np.testing.assert_array_equal(a["ids"], b["ids"])
@@ -145,7 +195,7 @@ def test_sigterm_on_both_processes_resumes_bit_identically(two_hosts, digits_dat
   assert "stopped by signal" in texts[0], texts[0][-3000:]
   assert stopped is not None and 4 <= stopped < 20, stopped
   texts = multihost.run_stages(workdir, overrides, ["train"], data_dir=digits_data_dir)
-  assert f"resuming from" in texts[0] and f"(step {stopped})" in texts[0]
+  assert "resuming from" in texts[0] and f"(step {stopped})" in texts[0]
   for use_ema in (False, True):
     a = artifacts.load_flow_model(two, use_ema=use_ema)
     b = artifacts.load_flow_model(workdir, use_ema=use_ema)

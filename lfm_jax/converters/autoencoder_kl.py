@@ -20,8 +20,6 @@ is imported lazily and loaded with `weights_only=True` (pass `allow_pickle=True`
 `load_autoencoder_kl` to unpickle a trusted legacy checkpoint that needs more).
 """
 
-import json
-import os
 import re
 from typing import Any, Dict, Mapping, Optional, Tuple
 
