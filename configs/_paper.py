@@ -100,6 +100,7 @@ def paper_config(image_size=256):
   ev.inception_weights = INCEPTION
   ev.reference_stats = None  # computed from data.train_split, as LFM's stats are
   ev.reference_split = "train"  # LFM computes its reference statistics on the training set
+  ev.metrics = ("fd", "precision_recall", "kid", "inception_score")
 
   config.stability.embedding = "inception"
   config.score.embedding = "inception"
