@@ -120,6 +120,8 @@ def get_config():
   model.norm_num_groups = 32
   model.norm_min_channels_per_group = 0  # > 0: groups = min(norm_num_groups, C // this); EDM DhariwalUNet: 4
   model.resblock_updown = False
+  model.use_new_attention_order = False  # guided-diffusion QKVAttention: split q, k, v first, then heads
+  model.num_heads_upsample = -1  # heads of the decoder's attention; -1: num_heads
   model.num_classes = 10  # 0: unconditional. The null (guidance) label is index num_classes.
   model.extra_in_channels = 0  # conditioning channels concatenated to the latent (inpainting: 5)
   # > 0: the network takes a class map (S, S) as cond: one-hot -> rescaled to the latent grid

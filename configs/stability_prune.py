@@ -7,7 +7,7 @@ CRITERION in {loss, gradient, cluster, random, kcenter, herding}; RATIO = fracti
 (the paper uses 0.5 and 0.75); DATASET in {celeba_hq (default), ffhq, imagenet}; PRESET a DiT
 preset (default "S/2", as in the official example command).
 
-Protocol (official code briqr/explo-r-it-ing_lfm_stability, train_fm.py and PAPERS.md section 2):
+Protocol (official code briqr/explo-r-it-ing_lfm_stability, train_fm.py):
 1. `--mode=score` scores every training image with `score.criterion`:
    - loss / gradient: a small DiT-S/2 scorer (30k steps on the full data) evaluates the FM loss /
      squared per-sample gradient norm at 10 fixed interior times with 2 shared noises, each time

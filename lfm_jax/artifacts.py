@@ -121,7 +121,10 @@ def load_autoencoder(config, workdir=None) -> Autoencoder:
                         "config.autoencoder.pretrained")
   wd = workdir_lib.Workdir.of(workdir)
   ae = load_autoencoder_file(wd.autoencoder_export, key="autoencoder (this workdir's export)")
-  return dataclasses.replace(ae, identity={"trained": ae.identity})
+  # The workdir's own autoencoder is known by its file's size and time, not its path: a copied
+  # or moved workdir keeps its latent cache.
+  own = {k: v for k, v in ae.identity.items() if k != "path"}
+  return dataclasses.replace(ae, identity={"trained": own})
 
 
 # ----------------------------------------------------------------------------- flow model

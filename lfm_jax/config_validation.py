@@ -6,7 +6,9 @@ already rejected by ml_collections when the override is parsed; this checks valu
 relations between them.
 """
 
-from typing import Any, Callable, Iterable
+import functools
+import json
+from typing import Any, Callable, Iterable, Mapping
 
 import ml_collections
 
@@ -17,6 +19,35 @@ FEATURE_EXTRACTORS = ("digits_classifier", "autoencoder", "inception")
 
 class ConfigError(ValueError):
   """A config value is invalid; the message names the key."""
+
+
+@functools.lru_cache(maxsize=None)
+def _schema_section(name: str) -> str:
+  from configs import default  # pylint: disable=g-import-not-at-top  (the schema)
+  return default.get_config()[name].to_json()
+
+
+def with_defaults(name: str, section: Any = None) -> ml_collections.ConfigDict:
+  """`section` (a ConfigDict, a plain dict such as a checkpoint's saved config, or None) laid
+  over configs/default.py's section `name`: every key the schema defines is present, so the
+  modules read keys directly. Keys the schema lacks are kept as given."""
+  base = json.loads(_schema_section(name))
+  if section is not None:
+    given = section.to_dict() if isinstance(section, ml_collections.ConfigDict) else dict(section)
+
+    def merge(into, new):
+      for k, v in new.items():
+        if isinstance(v, Mapping) and isinstance(into.get(k), dict):
+          merge(into[k], v)
+        else:
+          into[k] = v
+    merge(base, given)
+
+  def tuples(x):  # JSON lists back to the tuples configs write
+    if isinstance(x, dict):
+      return {k: tuples(v) for k, v in x.items()}
+    return tuple(tuples(v) for v in x) if isinstance(x, list) else x
+  return ml_collections.ConfigDict(tuples(base))
 
 
 def _get(config: ml_collections.ConfigDict, path: str, default: Any = None) -> Any:

@@ -69,6 +69,7 @@ import tensorflow_datasets as tfds
 
 from lfm_jax import datasets as _datasets  # noqa: F401  (registers our builders)
 from lfm_jax import masks as _masks
+from lfm_jax.config_validation import with_defaults
 from lfm_jax.datasets import celebamask_hq as _celebamask_hq
 from lfm_jax.datasets import ffhq as _ffhq
 from lfm_jax.datasets import image_folder as _image_folder
@@ -125,20 +126,17 @@ class DataConfigError(ValueError):
 # Builders and preparation.
 
 
-def _get(cfg, key, default=None):
-  try:
-    value = cfg[key] if isinstance(cfg, Mapping) else getattr(cfg, key)
-  except (KeyError, AttributeError):
-    return default
-  return default if value is None else value
+def _data(data_config) -> Any:
+  """config.data over configs/default.py's data section (a partial dict works too)."""
+  return with_defaults("data", data_config)
 
 
 def _data_dir(data_config) -> str:
-  return os.path.expanduser(_get(data_config, "data_dir", tfds.core.constants.DATA_DIR))
+  return os.path.expanduser(_data(data_config).data_dir or tfds.core.constants.DATA_DIR)
 
 
 def _manual_dir(data_config) -> str:
-  manual = _get(data_config, "manual_dir")
+  manual = _data(data_config).manual_dir
   if manual:
     return os.path.expanduser(manual)
   return os.path.join(_data_dir(data_config), "downloads", "manual")
@@ -151,17 +149,17 @@ def _smallest_stored(configs, size: int) -> int:
 
 def _resolve_name(data_config) -> tuple[str, Optional[tfds.core.BuilderConfig]]:
   """(tfds name, BuilderConfig object or None) for config.data."""
-  name = _get(data_config, "name")
+  name = _data(data_config).name
   if not name:
     raise DataConfigError("config.data.name is empty")
   if name == "lfm_digits":
     return "lfm_digits", _lfm_digits.make_config(
-        int(_get(data_config, "image_size", 16)), int(_get(data_config, "channels", 1)))
+        int(_data(data_config).image_size), int(_data(data_config).channels))
   if name == "ffhq":
-    size = int(_get(data_config, "image_size", 256))
+    size = int(_data(data_config).image_size)
     return f"ffhq/{_smallest_stored(_ffhq.Ffhq.BUILDER_CONFIGS, size)}", None
   if name == "celebamask_hq":
-    size = int(_get(data_config, "image_size", 256))
+    size = int(_data(data_config).image_size)
     r = _smallest_stored(_celebamask_hq.CelebamaskHq.BUILDER_CONFIGS, size)
     return "celebamask_hq", _celebamask_hq.make_config(r)
   if name.startswith("lfm_lsun/") or name == "lfm_lsun":
@@ -169,10 +167,10 @@ def _resolve_name(data_config) -> tuple[str, Optional[tfds.core.BuilderConfig]]:
     if category not in _lsun_lmdb.CATEGORIES:
       raise DatasetNotAvailableError(
           f"config.data.name {name!r}: unknown LSUN category; one of {_lsun_lmdb.CATEGORIES}")
-    cap = _get(data_config, "max_train_examples")
+    cap = _data(data_config).max_train_examples
     return "lfm_lsun", _lsun_lmdb.make_config(category, int(cap) if cap else None)
   if name == "image_folder":
-    folder = _get(data_config, "image_folder")
+    folder = _data(data_config).image_folder
     if not folder:
       raise DataConfigError("config.data.name == 'image_folder' needs config.data.image_folder")
     return "lfm_image_folder", _image_folder.ImageFolderConfig(root_dir=folder)
@@ -363,8 +361,8 @@ def _selection(builder, data_config, split: str) -> tuple[SplitRange, Optional[n
   examples, except for tfds' LSUN where "first" is the LMDB key order (the order LFM reads).
   """
   rng = _split_range(builder, split)
-  cap = _get(data_config, "max_train_examples")
-  if not cap or split != _get(data_config, "train_split", "train") or int(cap) >= rng.size:
+  cap = _data(data_config).max_train_examples
+  if not cap or split != _data(data_config).train_split or int(cap) >= rng.size:
     return rng, None
   if builder.name == "lsun":
     return rng, _first_by_source_key(builder, rng, int(cap))
@@ -397,21 +395,21 @@ def _num_classes(builder) -> int:
 
 def segmentation_classes(data_config) -> int:
   """Classes of the data set's label maps (19 for celebamask_hq); 0 when it has none."""
-  name = _get(data_config, "name")
+  name = _data(data_config).name
   return _celebamask_hq.NUM_CLASSES if name == "celebamask_hq" else 0
 
 
 def dataset_info(data_config) -> tuple[int, int, tuple[int, int, int]]:
   """(examples in the train split, number of classes (0: unlabelled), (S, S, C) image shape)."""
   builder = _prepared_builder(data_config)
-  n = num_examples(data_config, _get(data_config, "train_split", "train"), builder)
-  size = int(_get(data_config, "image_size", 16))
+  n = num_examples(data_config, _data(data_config).train_split, builder)
+  size = int(_data(data_config).image_size)
   classes = _num_classes(builder)
-  wanted = _get(data_config, "num_classes")
+  wanted = _data(data_config).num_classes
   if wanted is not None and int(wanted) != classes:
     logging.warning("config.data.num_classes = %s but %s has %d classes", wanted,
                     builder.name, classes)
-  return n, classes, (size, size, int(_get(data_config, "channels", 3)))
+  return n, classes, (size, size, int(_data(data_config).channels))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -502,7 +500,7 @@ def _resize_shorter_nearest(image, size: int):
 
 
 def _task(data_config) -> str:
-  task = _get(data_config, "task", "generation")
+  task = _data(data_config).task
   if task not in TASKS:
     raise DataConfigError(f"config.data.task must be one of {TASKS}, got {task!r}")
   return task
@@ -510,15 +508,15 @@ def _task(data_config) -> str:
 
 def _mask_fn(data_config, size: int, ids_needed: Optional[np.ndarray]):
   """(id int64, epoch int64) -> float32 (S, S) mask tensor, per data.mask_* (checked here)."""
-  kind = _get(data_config, "mask_kind", "lfm")
+  kind = _data(data_config).mask_kind
   if kind not in MASK_KINDS:
     raise DataConfigError(f"config.data.mask_kind must be one of {MASK_KINDS}, got {kind!r}")
-  white = _get(data_config, "mask_white", "known")
+  white = _data(data_config).mask_white
   if white not in ("known", "hole"):
     raise DataConfigError(f"config.data.mask_white must be 'known' or 'hole', got {white!r}")
   if kind == "lfm":
-    mask_seed = int(_get(data_config, "mask_seed", 0))
-    per_epoch = bool(_get(data_config, "mask_per_epoch", False))
+    mask_seed = int(_data(data_config).mask_seed)
+    per_epoch = bool(_data(data_config).mask_per_epoch)
 
     def draw(i, e):
       return _masks.inpainting_mask(mask_seed, int(i), size, int(e) if per_epoch else None)
@@ -530,7 +528,7 @@ def _mask_fn(data_config, size: int, ids_needed: Optional[np.ndarray]):
   if kind == "center":
     const = tf.constant(_masks.center_mask(size))
     return lambda i, e: const
-  path = _get(data_config, "mask_path")
+  path = _data(data_config).mask_path
   if not path:
     raise DataConfigError(f"config.data.mask_kind = {kind!r} needs config.data.mask_path")
   if kind == "file":
@@ -655,9 +653,9 @@ def create_dataset(data_config, split: str, *, batch_size: int, shuffle: bool, s
   if task == "semantic" and seg_feature is None:
     raise DataConfigError(f"config.data.task = 'semantic' needs label maps, but "
                      f"{_full_name(builder)} has no 'segmentation' feature")
-  size = int(_get(data_config, "image_size", 16))
-  channels = int(_get(data_config, "channels", 3))
-  crop = _get(data_config, "crop", "none")
+  size = int(_data(data_config).image_size)
+  channels = int(_data(data_config).channels)
+  crop = _data(data_config).crop
   if seg_feature is not None and crop == "adm":
     raise DataConfigError("config.data.crop = 'adm' is not defined for segmentation maps; use "
                      "'none' or 'center'")
@@ -697,7 +695,7 @@ def create_dataset(data_config, split: str, *, batch_size: int, shuffle: bool, s
   if not repeat and first_epoch > 0:
     first_epoch, offset = 0, host_n  # past the end: empty
   last_epoch = np.iinfo(np.int64).max if repeat else 1
-  buffer = int(_get(data_config, "shuffle_buffer", 10_000))
+  buffer = int(_data(data_config).shuffle_buffer)
   seed_host = _mix_seed(seed, process_index)
 
   def one_epoch(epoch):
@@ -709,7 +707,7 @@ def create_dataset(data_config, split: str, *, batch_size: int, shuffle: bool, s
 
   ds = tf.data.Dataset.range(first_epoch, last_epoch).flat_map(one_epoch).skip(offset)
 
-  flip = bool(_get(data_config, "random_flip", False)) and (
+  flip = bool(_data(data_config).random_flip) and (
       shuffle if augment is None else augment)
   flip_seed = tf.constant([seed, 0x5EED], tf.int64)
   flip_classes = (tf.constant(_celebamask_hq.FLIP_PERMUTATION, tf.int32)

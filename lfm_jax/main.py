@@ -62,7 +62,7 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
   config = FLAGS.config
-  _split_cpu_into_devices(str(config.get("model", {}).get("name", "unet")))
+  _split_cpu_into_devices(str(config.model.name))
   from lfm_jax import stages  # pylint: disable=g-import-not-at-top
   if FLAGS.mode:
     with config.unlocked():

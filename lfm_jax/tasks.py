@@ -60,8 +60,8 @@ _COND_SEED = 0xC0D  # folded into the sampling seed for the conditioning latents
 
 
 def task_of(config) -> str:
-  """config.data.task ("generation" when the key is absent)."""
-  return str(config.data.get("task", "generation") or "generation")
+  """config.data.task: generation | inpainting | semantic."""
+  return str(config.data.task)
 
 
 def is_conditional(config) -> bool:
@@ -69,7 +69,7 @@ def is_conditional(config) -> bool:
 
 
 def _on_the_fly(config) -> bool:
-  return task_of(config) == "inpainting" and bool(config.data.get("mask_per_epoch", False))
+  return task_of(config) == "inpainting" and bool(config.data.mask_per_epoch)
 
 
 # ----------------------------------------------------------------------------- the maths
@@ -121,7 +121,7 @@ def batch_cond(batch: Mapping[str, jax.Array], rng: jax.Array, scale_factor: flo
 def dummy_cond(config, latent_shape) -> Optional[jax.Array]:
   """A batch-1 zero `cond` of the shape the config's network takes (for init), or None."""
   extra = int(config.model.extra_in_channels)
-  if int(config.model.get("semantic_classes", 0) or 0):
+  if int(config.model.semantic_classes):
     size = int(config.data.image_size)
     return jnp.zeros((1, size, size), jnp.float32)
   if extra:
@@ -358,9 +358,9 @@ def user_conditions(config) -> Optional[Conditions]:
   or None when none is set."""
   d, task = config.data, task_of(config)
   size, channels = int(d.image_size), int(d.channels)
-  if task == "inpainting" and (d.get("inpaint_image") or d.get("inpaint_mask")):
-    if not (d.get("inpaint_image") and d.get("inpaint_mask")):
-      missing = "inpaint_mask" if d.get("inpaint_image") else "inpaint_image"
+  if task == "inpainting" and (d.inpaint_image or d.inpaint_mask):
+    if not (d.inpaint_image and d.inpaint_mask):
+      missing = "inpaint_mask" if d.inpaint_image else "inpaint_image"
       raise ConfigError(f"config.data.{missing}: inpainting a given image needs both "
                         "config.data.inpaint_image and config.data.inpaint_mask")
     image = _read_image_file(d.inpaint_image, size, channels, "data.inpaint_image")
@@ -370,7 +370,7 @@ def user_conditions(config) -> Optional[Conditions]:
       raise ConfigError(f"config.data.inpaint_mask: {e}") from e
     return Conditions(images=image[None], masks=mask[None],
                       source=f"{d.inpaint_image} with mask {d.inpaint_mask}")
-  if task == "semantic" and d.get("semantic_map"):
+  if task == "semantic" and d.semantic_map:
     classes = int(config.model.semantic_classes)
     return Conditions(maps=_read_class_map(d.semantic_map, size, classes)[None],
                       source=str(d.semantic_map))

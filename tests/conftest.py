@@ -1,11 +1,16 @@
 """Shared test setup: 8 simulated CPU devices (set before jax is imported)."""
 
 import os
+import tempfile
 
 os.environ["XLA_FLAGS"] = (
     os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
 ).strip()
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+# One persistent XLA cache for the session, inherited by the CLI and multi-process children:
+# the tiny pipelines compile the same programs again in every process and stage.
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", tempfile.mkdtemp(prefix="lfm_jax_xla_cache_"))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.2")
 os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
 
 import contextlib  # noqa: E402

@@ -254,7 +254,7 @@ EDM_UNET = {**UNET, "model.num_head_channels": 8}  # 64 channels per head at wid
 DIT = {"model.hidden_size": 48, "model.depth": 1}  # 48 = 6, 12 and 16 heads of 8, 4 and 3
 
 REHEARSALS = {
-    # The embedded default's command (README, DESIGN.md: pipeline mode, no files) is rehearsed
+    # The embedded default's command (README: pipeline mode, no files) is rehearsed
     # by tests/test_main.py's pipeline_run, shrunk by tests/helpers.py's TINY.
     "default.py": Rehearsal(None, {}, covered_by="tests/test_main.py", image_size=8),
     "celeba_hq_256_adm.py": Rehearsal("celeb_a_hq/256", {**COMMON, **UNET}),

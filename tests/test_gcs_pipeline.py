@@ -59,7 +59,8 @@ def test_pipeline_on_gs_killed_and_resumed(gcs_bucket, digits_data_dir):
   assert resumed, r.stdout[-3000:]
   step = int(resumed[0].split("(step ")[1].rstrip(")"))
   print(f"killed after step {killed_at}; resumed from the gs:// checkpoint of step {step}")
-  assert 20 <= step <= killed_at
+  # Saves are asynchronous: the newest one may still be in flight when the process is killed.
+  assert 10 <= step <= killed_at and step % 10 == 0
   assert "autoencoder: reusing" in r.stdout and "latents: reusing the cache" in r.stdout
   for rel in ("config.json", "autoencoder/diffusers/config.json", "checkpoints/60",
               "samples/samples_euler_g1.5.png", "samples/samples_euler_g1.5.npz",

@@ -1,4 +1,4 @@
-"""Issue 2 (acceptance 4 & 5): velocity networks build, count, and behave."""
+"""Velocity networks build, count their parameters, and behave."""
 
 import jax
 import jax.numpy as jnp

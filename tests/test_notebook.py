@@ -3,6 +3,7 @@ embedded default shrunk by the parameters cell, samples through lfm_jax.load, th
 
 import json
 import pathlib
+import shutil
 
 import pytest
 
@@ -11,15 +12,19 @@ from helpers import REPO, cli_flags
 NOTEBOOK = pathlib.Path(REPO) / "launch" / "colab_tpu_demo.ipynb"
 
 
-def test_notebook_executes(digits_data_dir, tmp_path):
+def test_notebook_executes(digits_data_dir, reference_run, tmp_path):
+  """On a copy of the session's reference run (the same shrunk config): the notebook's pipeline
+  reuses the trained stages, as a rerun in Colab does, and samples, evaluates and exports."""
   nbformat = pytest.importorskip("nbformat")
   nbclient = pytest.importorskip("nbclient")
   nb = nbformat.read(str(NOTEBOOK), as_version=4)
   params = [c for c in nb.cells if c.cell_type == "code" and "LFM_JAX_SOURCE =" in c.source]
   assert len(params) == 1, "the notebook needs one parameters cell"
   workdir = tmp_path / "demo"
-  flags = cli_flags(digits_data_dir, **{"autoencoder.train.num_steps": 10,
-                                        "train.num_steps": 10, "train.checkpoint_every": 10})
+  shutil.copytree(reference_run["workdir"], workdir)
+  shutil.rmtree(workdir / "export")  # written again by the notebook's run
+  (workdir / "eval" / "metrics.json").unlink()
+  flags = cli_flags(digits_data_dir)
   params[0].source = (f'LFM_JAX_SOURCE = ""\nWORKDIR = {str(workdir)!r}\n'
                       f"OVERRIDES = {json.dumps(flags)}\n")
   client = nbclient.NotebookClient(nb, timeout=900, kernel_name="python3",

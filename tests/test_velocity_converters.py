@@ -1,4 +1,4 @@
-"""Issue 10: PyTorch <-> Flax velocity-network converters (parity, round trip, strictness)."""
+"""PyTorch <-> Flax velocity-network converters (parity, round trip, strictness)."""
 
 import importlib
 import importlib.machinery

@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lfm_jax.config_validation import with_defaults
 from lfm_jax.models.layers import ATTENTION_IMPLEMENTATIONS, REMAT_CHOICES, remat_policy
 from lfm_jax.models.unet import UNet
 
@@ -54,13 +55,6 @@ def unwrap(module: nn.Module) -> nn.Module:
   return module
 
 
-def _get(cfg, key, default):
-  try:
-    return cfg.get(key, default)
-  except AttributeError:
-    return getattr(cfg, key, default)
-
-
 def _ints(value) -> tuple:
   """(16, 8), [16, 8], "16,8", 16 or None -> a tuple of ints."""
   if value is None:
@@ -74,9 +68,10 @@ def _ints(value) -> tuple:
 
 def _compute_options(model_config, dtype) -> dict:
   """dtype, remat and attention_implementation of a network, checked (one-line ValueErrors)."""
-  remat = _get(model_config, "remat", "none") or "none"  # model_config None: the defaults
+  m = with_defaults("model", model_config)
+  remat = m.remat
   remat_policy(remat)  # a bad name fails here, before any trace
-  attention = _get(model_config, "attention_implementation", None)
+  attention = m.attention_implementation
   if attention not in ATTENTION_IMPLEMENTATIONS:
     raise ValueError(f"model.attention_implementation must be one of "
                      f"{list(ATTENTION_IMPLEMENTATIONS)}, got {attention!r}")
@@ -96,51 +91,42 @@ def with_compute_options(module: nn.Module, model_config=None, *,
   return module.clone(**_compute_options(model_config, dtype))
 
 
-def _build(model_config, latent_shape=None, dtype=jnp.float32) -> nn.Module:
-  name = _get(model_config, "name", "unet")
-  num_classes = int(_get(model_config, "num_classes", 0) or 0)
-  extra = int(_get(model_config, "extra_in_channels", 0) or 0)
-  accel = _compute_options(model_config, dtype)
-  if name == "unet":
+def _build(m, dtype=jnp.float32) -> nn.Module:
+  """The network of a complete model section `m` (with_defaults)."""
+  accel = _compute_options(m, dtype)
+  if m.name == "unet":
     return UNet(
-        model_channels=int(_get(model_config, "model_channels", 128)),
-        channel_mult=tuple(_get(model_config, "channel_mult", (1, 2, 2, 2))),
-        num_res_blocks=int(_get(model_config, "num_res_blocks", 2)),
-        attention_resolutions=_ints(_get(model_config, "attention_resolutions", ())),
-        attention_semantics=_get(model_config, "attention_semantics", "resolution"),
-        num_heads=int(_get(model_config, "num_heads", 4)),
-        num_head_channels=int(_get(model_config, "num_head_channels", -1)),
-        num_heads_upsample=int(_get(model_config, "num_heads_upsample", -1)),
-        dropout=float(_get(model_config, "dropout", 0.0)),
-        use_scale_shift_norm=bool(_get(model_config, "use_scale_shift_norm", True)),
-        resblock_updown=bool(_get(model_config, "resblock_updown", False)),
-        use_new_attention_order=bool(_get(model_config, "use_new_attention_order", False)),
-        mid_attention=bool(_get(model_config, "mid_attention", True)),
-        num_classes=num_classes,
-        learn_null_class=bool(_get(model_config, "learn_null_class", True)),
-        extra_in_channels=extra,
-        norm_num_groups=int(_get(model_config, "norm_num_groups", 32)),
-        norm_min_channels_per_group=int(_get(model_config, "norm_min_channels_per_group", 0)
-                                        or 0),
+        model_channels=int(m.model_channels), channel_mult=tuple(m.channel_mult),
+        num_res_blocks=int(m.num_res_blocks),
+        attention_resolutions=_ints(m.attention_resolutions),
+        attention_semantics=m.attention_semantics, num_heads=int(m.num_heads),
+        num_head_channels=int(m.num_head_channels),
+        num_heads_upsample=int(m.num_heads_upsample), dropout=float(m.dropout),
+        use_scale_shift_norm=bool(m.use_scale_shift_norm),
+        resblock_updown=bool(m.resblock_updown),
+        use_new_attention_order=bool(m.use_new_attention_order),
+        mid_attention=bool(m.mid_attention), num_classes=int(m.num_classes),
+        learn_null_class=bool(m.learn_null_class), extra_in_channels=int(m.extra_in_channels),
+        norm_num_groups=int(m.norm_num_groups),
+        norm_min_channels_per_group=int(m.norm_min_channels_per_group),
         **accel,
     )
-  if name == "dit":
+  if m.name == "dit":
     from lfm_jax.models.dit import DiT, dit_config
-    preset = _get(model_config, "dit_preset", None)
-    kw = dict(dit_config(preset)) if preset else {}
+    kw = dict(dit_config(m.dit_preset)) if m.dit_preset else {}
     # Explicit keys override the preset; num_heads (shared with the U-Net, default 4) only
     # counts when no preset is given.
     for key in ("hidden_size", "depth", "patch_size", "mlp_ratio") + (
-        () if preset else ("num_heads",)):
-      val = _get(model_config, key, None)
-      if val is not None:
-        kw[key] = val
+        () if m.dit_preset else ("num_heads",)):
+      if m[key] is not None:
+        kw[key] = m[key]
     missing = [k for k in ("hidden_size", "depth", "num_heads", "patch_size") if k not in kw]
     if missing:
       raise ValueError(f"model.dit_preset is not set and DiT keys are missing: "
                        f"{['model.' + k for k in missing]}")
-    return DiT(num_classes=num_classes, extra_in_channels=extra, **kw, **accel)
-  raise ValueError(f"model.name must be 'unet' or 'dit', got {name!r}")
+    return DiT(num_classes=int(m.num_classes), extra_in_channels=int(m.extra_in_channels), **kw,
+               **accel)
+  raise ValueError(f"model.name must be 'unet' or 'dit', got {m.name!r}")
 
 
 def create_model(model_config, latent_shape: Optional[Sequence[int]] = None, *,
@@ -151,28 +137,28 @@ def create_model(model_config, latent_shape: Optional[Sequence[int]] = None, *,
   dtype: the compute dtype of activations, matmuls and convolutions (jnp.float32 or
   jnp.bfloat16); parameters are float32 either way, normalisations and softmax run in float32,
   and the network returns float32.
-  Keys read beyond configs/default.py (all optional, `.get` with defaults): dit_preset
-  ("S/2", ... "XL/8"), hidden_size, depth, patch_size, mlp_ratio (override the preset; without
-  a preset num_heads is read too), time_convention ("lfm" | "sit"), learn_null_class,
-  mid_attention, use_new_attention_order, num_heads_upsample, norm_num_groups,
-  norm_min_channels_per_group, remat ("none" | "blocks" | a jax.checkpoint_policies name; a bad
-  name is a ValueError here), attention_implementation (None | "xla" | "cudnn").
+  model_config may also be a plain dict (a checkpoint's saved config) or None: it is laid over
+  configs/default.py's model section, which documents every key (config_validation.with_defaults).
+  DiT: dit_preset ("S/2", ... "XL/8"), with hidden_size, depth, patch_size, mlp_ratio overriding
+  it (without a preset num_heads is read too). A bad model.remat or attention_implementation is
+  a ValueError here, before any trace.
   """
-  module = _build(model_config, latent_shape, dtype)
-  if latent_shape is not None and _get(model_config, "name", "unet") == "dit":
+  m = with_defaults("model", model_config)
+  module = _build(m, dtype)
+  if latent_shape is not None and m.name == "dit":
     p = module.patch_size
     if latent_shape[0] % p or latent_shape[1] % p:
       raise ValueError(f"latent shape {tuple(latent_shape)} not divisible by DiT patch {p}")
-  if latent_shape is not None and _get(model_config, "name", "unet") == "unet":
+  if latent_shape is not None and m.name == "unet":
     levels = len(module.channel_mult) - 1
     if latent_shape[0] % (2 ** levels) or latent_shape[1] % (2 ** levels):
       raise ValueError(f"latent shape {tuple(latent_shape)} not divisible by 2**{levels} "
                        f"(model.channel_mult has {levels + 1} levels)")
-  semantic_classes = int(_get(model_config, "semantic_classes", 0) or 0)
+  semantic_classes = int(m.semantic_classes)
   if semantic_classes:  # cond is a class map (models/semantic.py); params nest under "inner"
     from lfm_jax.models.semantic import SemanticConditioned
     module = SemanticConditioned(module, semantic_classes=semantic_classes)
-  convention = _get(model_config, "time_convention", "lfm") or "lfm"
+  convention = m.time_convention
   if convention == "sit":
     module = SiTConventionWrapper(module)
   elif convention != "lfm":
