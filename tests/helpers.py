@@ -92,3 +92,56 @@ def load_fidelity_module(name: str):
     sys.modules[full] = mod
     mspec.loader.exec_module(mod)
   return sys.modules[full]
+
+
+_INCEPTION_LAYERS = ("Conv2d_1a_3x3", "Conv2d_2a_3x3", "Conv2d_2b_3x3", "MaxPool_1",
+                     "Conv2d_3b_1x1", "Conv2d_4a_3x3", "MaxPool_2", "Mixed_5b", "Mixed_5c",
+                     "Mixed_5d", "Mixed_6a", "Mixed_6b", "Mixed_6c", "Mixed_6d", "Mixed_6e",
+                     "Mixed_7a", "Mixed_7b", "Mixed_7c")
+
+
+def random_fidelity_inception(features: tuple, seed: int, calibration_size: int = 64):
+  """(model, module): torch-fidelity's FID InceptionV3 with seeded random weights (no download),
+  BatchNorm statistics calibrated on one random batch of calibration_size² images so the
+  activations stay O(1) through the ~95 layers; in eval mode."""
+  import torch  # pylint: disable=g-import-not-at-top
+  fe = load_fidelity_module("feature_extractor_inceptionv3")
+  torch.manual_seed(seed)
+
+  class NoDownload(fe.FeatureExtractorInceptionV3):
+    def load_state_dict(self, state_dict, *args, **kwargs):
+      if state_dict is None:  # the constructor's would-be download: keep the random init
+        return None
+      return super().load_state_dict(state_dict, *args, **kwargs)
+
+  original = fe.load_state_dict_from_url
+  fe.load_state_dict_from_url = lambda *a, **k: None
+  try:
+    model = NoDownload("inception-v3-compat", list(features))
+  finally:
+    fe.load_state_dict_from_url = original
+  for bn in model.modules():
+    if isinstance(bn, torch.nn.BatchNorm2d):
+      bn.momentum = 1.0
+  model.train()
+  with torch.no_grad():
+    x = torch.rand(2, 3, calibration_size, calibration_size) * 255
+    x = fe.interpolate_bilinear_2d_like_tensorflow1x(x, size=(299, 299), align_corners=False)
+    x = (x - 128) / 128
+    for layer in _INCEPTION_LAYERS:
+      x = getattr(model, layer)(x)
+  model.eval()
+  return model, fe
+
+
+def randomise_batch_norm(model, generator) -> None:
+  """Moves every BatchNorm's statistics and affine parameters randomly away from calibration."""
+  import torch  # pylint: disable=g-import-not-at-top
+  with torch.no_grad():
+    for bn in model.modules():
+      if isinstance(bn, torch.nn.BatchNorm2d):
+        n = bn.num_features
+        bn.running_mean += 0.05 * torch.randn(n, generator=generator) * bn.running_var.sqrt()
+        bn.running_var *= 0.9 + 0.2 * torch.rand(n, generator=generator)
+        bn.weight.copy_(0.9 + 0.2 * torch.rand(n, generator=generator))
+        bn.bias.copy_(0.1 * torch.randn(n, generator=generator))

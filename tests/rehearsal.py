@@ -140,36 +140,8 @@ def tiny_inception(path: str, seed: int = 0) -> str:
   pytorch-fid's layout, from torch-fidelity's module; BatchNorm statistics calibrated on one
   random batch so the features stay O(1)."""
   import torch  # pylint: disable=g-import-not-at-top
-  from helpers import load_fidelity_module  # pylint: disable=g-import-not-at-top
-  fe = load_fidelity_module("feature_extractor_inceptionv3")
-  torch.manual_seed(seed)
-
-  class NoDownload(fe.FeatureExtractorInceptionV3):
-    def load_state_dict(self, state_dict, *args, **kwargs):
-      if state_dict is None:  # the constructor's would-be download: keep the random init
-        return None
-      return super().load_state_dict(state_dict, *args, **kwargs)
-
-  original = fe.load_state_dict_from_url
-  fe.load_state_dict_from_url = lambda *a, **k: None
-  try:
-    model = NoDownload("inception-v3-compat", ["2048"])
-  finally:
-    fe.load_state_dict_from_url = original
-  bns = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
-  for bn in bns:
-    bn.momentum = 1.0
-  model.train()
-  with torch.no_grad():
-    x = fe.interpolate_bilinear_2d_like_tensorflow1x(torch.rand(2, 3, 64, 64) * 255,
-                                                     size=(299, 299), align_corners=False)
-    x = (x - 128) / 128
-    for layer in ("Conv2d_1a_3x3", "Conv2d_2a_3x3", "Conv2d_2b_3x3", "MaxPool_1",
-                  "Conv2d_3b_1x1", "Conv2d_4a_3x3", "MaxPool_2", "Mixed_5b", "Mixed_5c",
-                  "Mixed_5d", "Mixed_6a", "Mixed_6b", "Mixed_6c", "Mixed_6d", "Mixed_6e",
-                  "Mixed_7a", "Mixed_7b", "Mixed_7c"):
-      x = getattr(model, layer)(x)
-  model.eval()
+  from helpers import random_fidelity_inception  # pylint: disable=g-import-not-at-top
+  model, _ = random_fidelity_inception(("2048",), seed)
   os.makedirs(os.path.dirname(path), exist_ok=True)
   torch.save(model.state_dict(), path)
   return path

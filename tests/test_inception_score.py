@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from helpers import load_fidelity_module
+from helpers import load_fidelity_module, randomise_batch_norm, random_fidelity_inception
 from lfm_jax.converters.common import WeightConversionError
 from lfm_jax.converters.inception import (convert_inception_logits, convert_inception_state_dict,
                                           load_inception_with_logits)
@@ -120,44 +120,12 @@ def torch_fid_inception():
   """torch-fidelity's FID InceptionV3 returning pool3 and logits_unbiased, random weights
   (BN statistics calibrated on one batch then randomised; fc scaled, bias random)."""
   torch = pytest.importorskip("torch")
-  fe = _load_fidelity_module("feature_extractor_inceptionv3")
-  torch.manual_seed(3)
-
-  class NoDownload(fe.FeatureExtractorInceptionV3):
-    def load_state_dict(self, state_dict, *args, **kwargs):
-      if state_dict is None:  # the constructor's would-be download: keep the random init
-        return None
-      return super().load_state_dict(state_dict, *args, **kwargs)
-
-  orig = fe.load_state_dict_from_url
-  fe.load_state_dict_from_url = lambda *a, **k: None
-  try:
-    model = NoDownload("inception-v3-compat", ["2048", "logits_unbiased", "logits"])
-  finally:
-    fe.load_state_dict_from_url = orig
-  bns = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
-  for bn in bns:
-    bn.momentum = 1.0
-  model.train()
+  model, _ = random_fidelity_inception(("2048", "logits_unbiased", "logits"), seed=3)
+  g = torch.Generator().manual_seed(4)
+  randomise_batch_norm(model, g)
   with torch.no_grad():
-    x = fe.interpolate_bilinear_2d_like_tensorflow1x(torch.rand(2, 3, 64, 64) * 255,
-                                                     size=(299, 299), align_corners=False)
-    x = (x - 128) / 128
-    for name in ["Conv2d_1a_3x3", "Conv2d_2a_3x3", "Conv2d_2b_3x3", "MaxPool_1", "Conv2d_3b_1x1",
-                 "Conv2d_4a_3x3", "MaxPool_2", "Mixed_5b", "Mixed_5c", "Mixed_5d", "Mixed_6a",
-                 "Mixed_6b", "Mixed_6c", "Mixed_6d", "Mixed_6e", "Mixed_7a", "Mixed_7b",
-                 "Mixed_7c"]:
-      x = getattr(model, name)(x)
-    g = torch.Generator().manual_seed(4)
-    for bn in bns:
-      n = bn.num_features
-      bn.running_mean += 0.05 * torch.randn(n, generator=g) * bn.running_var.sqrt()
-      bn.running_var *= 0.9 + 0.2 * torch.rand(n, generator=g)
-      bn.weight.copy_(0.9 + 0.2 * torch.rand(n, generator=g))
-      bn.bias.copy_(0.1 * torch.randn(n, generator=g))
     model.fc.weight.mul_(0.6)
     model.fc.bias.copy_(torch.randn(1008, generator=g))
-  model.eval()
   return model
 
 
