@@ -149,17 +149,18 @@ def _smallest_stored(configs, size: int) -> int:
 
 def _resolve_name(data_config) -> tuple[str, Optional[tfds.core.BuilderConfig]]:
   """(tfds name, BuilderConfig object or None) for config.data."""
-  name = _data(data_config).name
+  dc = _data(data_config)
+  name = dc.name
   if not name:
     raise DataConfigError("config.data.name is empty")
   if name == "lfm_digits":
     return "lfm_digits", _lfm_digits.make_config(
-        int(_data(data_config).image_size), int(_data(data_config).channels))
+        int(dc.image_size), int(dc.channels))
   if name == "ffhq":
-    size = int(_data(data_config).image_size)
+    size = int(dc.image_size)
     return f"ffhq/{_smallest_stored(_ffhq.Ffhq.BUILDER_CONFIGS, size)}", None
   if name == "celebamask_hq":
-    size = int(_data(data_config).image_size)
+    size = int(dc.image_size)
     r = _smallest_stored(_celebamask_hq.CelebamaskHq.BUILDER_CONFIGS, size)
     return "celebamask_hq", _celebamask_hq.make_config(r)
   if name.startswith("lfm_lsun/") or name == "lfm_lsun":
@@ -167,10 +168,10 @@ def _resolve_name(data_config) -> tuple[str, Optional[tfds.core.BuilderConfig]]:
     if category not in _lsun_lmdb.CATEGORIES:
       raise DatasetNotAvailableError(
           f"config.data.name {name!r}: unknown LSUN category; one of {_lsun_lmdb.CATEGORIES}")
-    cap = _data(data_config).max_train_examples
+    cap = dc.max_train_examples
     return "lfm_lsun", _lsun_lmdb.make_config(category, int(cap) if cap else None)
   if name == "image_folder":
-    folder = _data(data_config).image_folder
+    folder = dc.image_folder
     if not folder:
       raise DataConfigError("config.data.name == 'image_folder' needs config.data.image_folder")
     return "lfm_image_folder", _image_folder.ImageFolderConfig(root_dir=folder)
@@ -360,9 +361,10 @@ def _selection(builder, data_config, split: str) -> tuple[SplitRange, Optional[n
   data.max_train_examples keeps the first N of data.train_split's selection: the first N stored
   examples, except for tfds' LSUN where "first" is the LMDB key order (the order LFM reads).
   """
+  dc = _data(data_config)
   rng = _split_range(builder, split)
-  cap = _data(data_config).max_train_examples
-  if not cap or split != _data(data_config).train_split or int(cap) >= rng.size:
+  cap = dc.max_train_examples
+  if not cap or split != dc.train_split or int(cap) >= rng.size:
     return rng, None
   if builder.name == "lsun":
     return rng, _first_by_source_key(builder, rng, int(cap))
@@ -401,15 +403,16 @@ def segmentation_classes(data_config) -> int:
 
 def dataset_info(data_config) -> tuple[int, int, tuple[int, int, int]]:
   """(examples in the train split, number of classes (0: unlabelled), (S, S, C) image shape)."""
+  dc = _data(data_config)
   builder = _prepared_builder(data_config)
-  n = num_examples(data_config, _data(data_config).train_split, builder)
-  size = int(_data(data_config).image_size)
+  n = num_examples(data_config, dc.train_split, builder)
+  size = int(dc.image_size)
   classes = _num_classes(builder)
-  wanted = _data(data_config).num_classes
+  wanted = dc.num_classes
   if wanted is not None and int(wanted) != classes:
     logging.warning("config.data.num_classes = %s but %s has %d classes", wanted,
                     builder.name, classes)
-  return n, classes, (size, size, int(_data(data_config).channels))
+  return n, classes, (size, size, int(dc.channels))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -508,15 +511,16 @@ def _task(data_config) -> str:
 
 def _mask_fn(data_config, size: int, ids_needed: Optional[np.ndarray]):
   """(id int64, epoch int64) -> float32 (S, S) mask tensor, per data.mask_* (checked here)."""
-  kind = _data(data_config).mask_kind
+  dc = _data(data_config)
+  kind = dc.mask_kind
   if kind not in MASK_KINDS:
     raise DataConfigError(f"config.data.mask_kind must be one of {MASK_KINDS}, got {kind!r}")
-  white = _data(data_config).mask_white
+  white = dc.mask_white
   if white not in ("known", "hole"):
     raise DataConfigError(f"config.data.mask_white must be 'known' or 'hole', got {white!r}")
   if kind == "lfm":
-    mask_seed = int(_data(data_config).mask_seed)
-    per_epoch = bool(_data(data_config).mask_per_epoch)
+    mask_seed = int(dc.mask_seed)
+    per_epoch = bool(dc.mask_per_epoch)
 
     def draw(i, e):
       return _masks.inpainting_mask(mask_seed, int(i), size, int(e) if per_epoch else None)
@@ -528,7 +532,7 @@ def _mask_fn(data_config, size: int, ids_needed: Optional[np.ndarray]):
   if kind == "center":
     const = tf.constant(_masks.center_mask(size))
     return lambda i, e: const
-  path = _data(data_config).mask_path
+  path = dc.mask_path
   if not path:
     raise DataConfigError(f"config.data.mask_kind = {kind!r} needs config.data.mask_path")
   if kind == "file":
@@ -612,6 +616,7 @@ def create_dataset(data_config, split: str, *, batch_size: int, shuffle: bool, s
     start_batch: skip this many batches of this host's stream (exact resume); costs reading at
       most one epoch of (undecoded) records.
   """
+  dc = _data(data_config)
   process_index, process_count = _process(process_index, process_count)
   if batch_size % process_count:
     raise ValueError(f"global batch_size {batch_size} is not divisible by the "
@@ -653,9 +658,9 @@ def create_dataset(data_config, split: str, *, batch_size: int, shuffle: bool, s
   if task == "semantic" and seg_feature is None:
     raise DataConfigError(f"config.data.task = 'semantic' needs label maps, but "
                      f"{_full_name(builder)} has no 'segmentation' feature")
-  size = int(_data(data_config).image_size)
-  channels = int(_data(data_config).channels)
-  crop = _data(data_config).crop
+  size = int(dc.image_size)
+  channels = int(dc.channels)
+  crop = dc.crop
   if seg_feature is not None and crop == "adm":
     raise DataConfigError("config.data.crop = 'adm' is not defined for segmentation maps; use "
                      "'none' or 'center'")
@@ -695,7 +700,7 @@ def create_dataset(data_config, split: str, *, batch_size: int, shuffle: bool, s
   if not repeat and first_epoch > 0:
     first_epoch, offset = 0, host_n  # past the end: empty
   last_epoch = np.iinfo(np.int64).max if repeat else 1
-  buffer = int(_data(data_config).shuffle_buffer)
+  buffer = int(dc.shuffle_buffer)
   seed_host = _mix_seed(seed, process_index)
 
   def one_epoch(epoch):
@@ -707,7 +712,7 @@ def create_dataset(data_config, split: str, *, batch_size: int, shuffle: bool, s
 
   ds = tf.data.Dataset.range(first_epoch, last_epoch).flat_map(one_epoch).skip(offset)
 
-  flip = bool(_data(data_config).random_flip) and (
+  flip = bool(dc.random_flip) and (
       shuffle if augment is None else augment)
   flip_seed = tf.constant([seed, 0x5EED], tf.int64)
   flip_classes = (tf.constant(_celebamask_hq.FLIP_PERMUTATION, tf.int32)

@@ -66,9 +66,9 @@ def _ints(value) -> tuple:
   return tuple(int(v) for v in value)
 
 
-def _compute_options(model_config, dtype) -> dict:
-  """dtype, remat and attention_implementation of a network, checked (one-line ValueErrors)."""
-  m = with_defaults("model", model_config)
+def _compute_options(m, dtype) -> dict:
+  """dtype, remat and attention_implementation of a complete model section `m` (with_defaults),
+  checked (one-line ValueErrors)."""
   remat = m.remat
   remat_policy(remat)  # a bad name fails here, before any trace
   attention = m.attention_implementation
@@ -88,7 +88,7 @@ def with_compute_options(module: nn.Module, model_config=None, *,
   """
   if isinstance(module, SiTConventionWrapper):
     return module.clone(inner=with_compute_options(module.inner, model_config, dtype=dtype))
-  return module.clone(**_compute_options(model_config, dtype))
+  return module.clone(**_compute_options(with_defaults("model", model_config), dtype))
 
 
 def _build(m, dtype=jnp.float32) -> nn.Module:
