@@ -16,6 +16,7 @@ from typing import Optional, Sequence, Union
 import numpy as np
 
 from lfm_jax import artifacts
+from lfm_jax import config_validation
 from lfm_jax import generate
 from lfm_jax import parallel
 from lfm_jax import storage
@@ -83,7 +84,7 @@ def load(path: Union[str, "storage.PathLike"], *, use_ema: Optional[bool] = None
     config_path = storage.path(path) / workdir_lib.CONFIG
     if not config_path.exists():
       raise artifacts.ArtifactError(f"{storage.display(path)}: the export has no config.json")
-    config = workdir_lib.config_from_dict(storage.read_json(config_path))
+    config = config_validation.config_from_dict(storage.read_json(config_path))
     return Run(model, ae, config, storage.display(path))
   wd = workdir_lib.Workdir(path)
   if not wd.exists():

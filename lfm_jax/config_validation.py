@@ -42,12 +42,16 @@ def with_defaults(name: str, section: Any = None) -> ml_collections.ConfigDict:
         else:
           into[k] = v
     merge(base, given)
+  return config_from_dict(base)
 
-  def tuples(x):  # JSON lists back to the tuples configs write
+
+def config_from_dict(d: dict) -> ml_collections.ConfigDict:
+  """A ConfigDict from a JSON dict (JSON lists become tuples, as configs write them)."""
+  def tuples(x):
     if isinstance(x, dict):
       return {k: tuples(v) for k, v in x.items()}
     return tuple(tuples(v) for v in x) if isinstance(x, list) else x
-  return ml_collections.ConfigDict(tuples(base))
+  return ml_collections.ConfigDict(tuples(d))
 
 
 def _get(config: ml_collections.ConfigDict, path: str, default: Any = None) -> Any:

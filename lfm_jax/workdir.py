@@ -25,6 +25,7 @@ import ml_collections
 import numpy as np
 
 from lfm_jax import storage
+from lfm_jax.config_validation import config_from_dict
 
 CONFIG = "config.json"
 
@@ -172,14 +173,3 @@ def latest_step(directory: storage.PathLike) -> Optional[int]:
     return manager.latest_step()
   finally:
     manager.close()
-
-
-def config_from_dict(d: dict) -> ml_collections.ConfigDict:
-  """A ConfigDict from config.json's dict (JSON lists become tuples, as configs write them)."""
-  def tuples(x):
-    if isinstance(x, dict):
-      return {k: tuples(v) for k, v in x.items()}
-    if isinstance(x, list):
-      return tuple(tuples(v) for v in x)
-    return x
-  return ml_collections.ConfigDict(tuples(d))
