@@ -27,9 +27,21 @@ Run:  python benchmarks/train_step.py                    # both benches, 20 time
       python benchmarks/train_step.py --bench U --iters 50
       python benchmarks/train_step.py --host-devices 1   # CPU: one device (default: one per core)
       python benchmarks/train_step.py --quick            # tiny smoke run
+      python benchmarks/train_step.py --compare-torch    # ours vs PyTorch, interleaved (below)
+      python benchmarks/train_step.py --compare-torch --bench U --sampling
+
+--compare-torch: the PyTorch peers (benchmarks/peer_torch.py: LFM's guided-diffusion U-Net from
+torchcfm, diffusers' DiT-S/2; LFM's loss, AdamW, EMA) run in a worker process, and the two sides
+take turns (--rounds turns of --iters-per-round steps each, ABBA order) in one run; one line per
+bench and op: {"kind": "compare_torch", "op": "train_step" | "forward" | "euler", "ours_ms",
+"torch_ms", "ratio" (ours / torch, medians of all timed iterations), "ratio_per_round", ...}.
+Ours uses the device split lfm_jax.main picks (one host device per core for U-Nets, one device
+for DiT); torch every core. --sampling adds one velocity evaluation at --sample-batch and an
+Euler sample of --euler-steps steps (lfm_jax.sampling.sample vs a Python Euler loop).
 """
 
 import argparse
+import json
 import os
 import sys
 import time
@@ -182,6 +194,134 @@ def run_train_bench(bench: str, args, counter: C.CompileCounter, peak=None, step
   return rec
 
 
+def _our_bench(bench: str, args, num_devices=None) -> dict:
+  """BENCH-U / BENCH-D as lfm_jax runs them: the jitted step, its state and a fixed batch."""
+  config, shape, batch_size = bench_config(bench, args.quick)
+  model = models.create_model(config.model, shape)
+  mesh = parallel.create_mesh(num_devices)
+  tx, schedule = optim.create_optimizer(config.train)
+  state = train.create_train_state(jax.random.PRNGKey(0), model, config, shape, tx=tx, mesh=mesh)
+  step = train.jit_train_step(train.make_train_step(model, config, tx, schedule, mesh=mesh), mesh)
+  rng = np.random.default_rng(0)
+  batch = parallel.host_local_to_global(
+      {"latent": rng.standard_normal((batch_size,) + tuple(shape), np.float32)}, mesh)
+  n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state.params))
+  return {"model": model, "mesh": mesh, "state": state, "step": step, "batch": batch,
+          "shape": shape, "batch_size": batch_size, "params": n_params}
+
+
+class _Peer:
+  """The PyTorch worker (benchmarks/peer_torch.py --serve) in its own process."""
+
+  def __init__(self, benches, quick: bool, threads: int):
+    import subprocess  # pylint: disable=g-import-not-at-top
+    cmd = [sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)), "peer_torch.py"),
+           "--serve", "--bench", ",".join(benches), "--threads", str(threads)]
+    if quick:
+      cmd.append("--quick")
+    self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    self.info = self._read()
+
+  def _read(self) -> dict:
+    line = self.proc.stdout.readline()
+    if not line:
+      raise RuntimeError(f"benchmarks/peer_torch.py --serve exited ({self.proc.wait()}); "
+                         "is torch (and torchcfm / diffusers) installed?")
+    return json.loads(line)
+
+  def __call__(self, **cmd) -> dict:
+    self.proc.stdin.write(json.dumps(cmd) + "\n")
+    self.proc.stdin.flush()
+    return self._read()
+
+  def close(self) -> None:
+    self.proc.stdin.close()
+    self.proc.wait(timeout=60)
+
+
+def _time_ours(fn, iters: int) -> list[float]:
+  ms = []
+  for _ in range(iters):
+    t0 = time.perf_counter()
+    jax.block_until_ready(fn())
+    ms.append((time.perf_counter() - t0) * 1e3)
+  return ms
+
+
+def _interleave(ours_fn, peer: _Peer, cmd: dict, rounds: int, per_round: int, warmup: int) -> dict:
+  """Alternates ours and the peer, `per_round` timed iterations each per round (ABBA order, so a
+  drift of the machine's speed hits both sides alike); medians of all timed iterations."""
+  _time_ours(ours_fn, warmup)
+  peer(**cmd, iters=warmup)
+  ours, theirs, ratios = [], [], []
+  for r in range(rounds):
+    if r % 2 == 0:
+      a = _time_ours(ours_fn, per_round)
+      b = peer(**cmd, iters=per_round)["ms"]
+    else:
+      b = peer(**cmd, iters=per_round)["ms"]
+      a = _time_ours(ours_fn, per_round)
+    ours += a
+    theirs += b
+    ratios.append(float(np.median(a) / np.median(b)))
+  mo, mt = float(np.median(ours)), float(np.median(theirs))
+  return {"ours_ms": round(mo, 3), "torch_ms": round(mt, 3), "ratio": round(mo / mt, 4),
+          "ours_ms_min": round(min(ours), 3), "torch_ms_min": round(min(theirs), 3),
+          "ratio_per_round": [round(x, 4) for x in ratios], "rounds": rounds,
+          "iters_per_round": per_round}
+
+
+def compare_torch(benches, args) -> None:
+  """Ours vs the PyTorch peers in one interleaved run: one JSON line per bench and op."""
+  from lfm_jax import sampling  # pylint: disable=g-import-not-at-top
+  peer = _Peer(benches, args.quick, args.threads)
+  try:
+    for bench in benches:
+      # The device split lfm_jax.main picks: one host device per core for U-Nets, one for DiT.
+      ours = _our_bench(bench, args, None if bench == "U" else 1)
+      box = {"state": ours["state"]}
+
+      def train_once():
+        box["state"], metrics = ours["step"](box["state"], ours["batch"])
+        return metrics["loss"]
+
+      base = {"bench": bench, "ours_params": ours["params"],
+              "torch_params": peer.info["params"][bench], "batch_size": ours["batch_size"],
+              "mesh_devices": int(ours["mesh"].devices.size), "torch_threads": peer.info["threads"],
+              "torch": peer.info["torch"], "loadavg_start": C.loadavg()}
+      C.log(f"[compare-torch] {bench} train step ...")
+      rec = _interleave(train_once, peer, {"op": "train", "bench": bench}, args.rounds,
+                        args.iters_per_round, args.warmup)
+      C.emit({"kind": "compare_torch", "op": "train_step", **base, **rec,
+              "loadavg_end": C.loadavg(), **C.environment()})
+      if not args.sampling:
+        continue
+      model, mesh, params = ours["model"], ours["mesh"], box["state"].params
+      sb = args.sample_batch
+      z = parallel.global_from_full(
+          np.random.default_rng(1).standard_normal((sb,) + tuple(ours["shape"]), np.float32),
+          parallel.data_sharded(mesh))
+
+      def velocity(t, x, p):
+        tb = jnp.broadcast_to(jnp.asarray(t, jnp.float32), (x.shape[0],))
+        return model.apply({"params": p}, x, tb, train=False)
+
+      forward = jax.jit(lambda p, x: velocity(0.5, x, p))
+      for op, fn, cmd, per_round in (
+          ("forward", lambda: forward(params, z), {"op": "forward", "batch": sb},
+           args.iters_per_round),
+          ("euler", lambda: sampling.sample(velocity, z, solver="euler", num_steps=args.euler_steps,
+                                            args=params)[0],
+           {"op": "euler", "batch": sb, "steps": args.euler_steps}, 1)):
+        C.log(f"[compare-torch] {bench} {op} ...")
+        rec = _interleave(fn, peer, {**cmd, "bench": bench}, args.rounds, per_round, 1)
+        C.emit({"kind": "compare_torch", "op": op, **base, "batch_size": sb,
+                "euler_steps": args.euler_steps if op == "euler" else None, **rec,
+                "loadavg_end": C.loadavg(), **C.environment()})
+  finally:
+    peer.close()
+
+
 def main(argv=None):
   """Entry point; `argv` lets tests run it in-process (jax flags from the caller then apply)."""
   p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -192,8 +332,23 @@ def main(argv=None):
                  help="U-Net: maps smaller than this use im2col + matmul (default: the model's)")
   p.add_argument("--matmul-n", type=int, default=2048)
   p.add_argument("--dump-hlo", default="", help="write the compiled step's HLO to PREFIX.<bench>.txt")
+  p.add_argument("--compare-torch", action="store_true",
+                 help="ours vs the PyTorch peers (benchmarks/peer_torch.py), interleaved, ratios")
+  p.add_argument("--rounds", type=int, default=6, help="--compare-torch: alternations")
+  p.add_argument("--iters-per-round", type=int, default=5, help="--compare-torch: steps per turn")
+  p.add_argument("--threads", type=int, default=0, help="--compare-torch: torch threads (0: all)")
+  p.add_argument("--sampling", action="store_true",
+                 help="--compare-torch: also one velocity evaluation and an Euler sample")
+  p.add_argument("--sample-batch", type=int, default=32)
+  p.add_argument("--euler-steps", type=int, default=50)
   args = p.parse_args(argv)
   C.post_jax_setup(args)
+  if args.compare_torch:
+    if args.quick:
+      args.rounds, args.iters_per_round, args.warmup = min(args.rounds, 2), 2, 1
+      args.sample_batch, args.euler_steps = 8, 3
+    compare_torch([b.strip().upper() for b in args.bench.split(",") if b.strip()], args)
+    return
   if args.quick:
     args.iters, args.warmup, args.matmul_n = min(args.iters, 3), 1, min(args.matmul_n, 256)
   counter = C.CompileCounter.install()

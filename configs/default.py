@@ -23,6 +23,11 @@ def get_config():
   # --- Devices (lfm_jax/parallel.py): a ("data", "fsdp") mesh over every device of every host.
   config.mesh = mesh = ml_collections.ConfigDict()
   mesh.fsdp = 1  # devices sharding params, EMA and optimizer state (FSDP); the rest form "data"
+  # True: gradients are averaged over batch shards in shard order (parallel.shard_mean), so
+  # host layouts of the same device count (1 x 8, 2 x 4) train alike up to each device's own
+  # rounding; the training noise then depends on the shard count. False: XLA's all-reduce
+  # (faster; its rounding depends on the layout; noise independent of the device count).
+  mesh.deterministic_reduction = False
 
   # --- Data (lfm_jax/input_pipeline.py). Images are float32 in [-1, 1], NHWC.
   config.data = data = ml_collections.ConfigDict()

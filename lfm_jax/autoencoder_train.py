@@ -52,16 +52,27 @@ def autoencoder_loss(module: nn.Module, params: Any, images: jax.Array, rng: jax
 
 
 def make_autoencoder_step(module: nn.Module, tcfg: Any, tx: optax.GradientTransformation,
-                          schedule: optax.Schedule) -> Callable:
-  """The pure step (state, {"image": x}) -> (state, metrics); see train.make_train_step."""
+                          schedule: optax.Schedule, *,
+                          shard_mean_mesh: Optional[jax.sharding.Mesh] = None) -> Callable:
+  """The pure step (state, {"image": x}) -> (state, metrics); see train.make_train_step.
+
+  shard_mean_mesh: average the gradient over that mesh's batch shards in shard order
+  (parallel.shard_mean, config.mesh.deterministic_reduction); None: XLA's all-reduce.
+  """
   recon_loss, kl_weight = tcfg.recon_loss, float(tcfg.kl_weight)
   ema_decay = jnp.float32(float(tcfg.ema_decay))
 
+  def grad_fn(params, rng, images):
+    return jax.value_and_grad(
+        lambda p: autoencoder_loss(module, p, images, rng, recon_loss=recon_loss,
+                                   kl_weight=kl_weight), has_aux=True)(params)
+
+  if shard_mean_mesh is not None:
+    grad_fn = parallel.shard_mean(grad_fn, shard_mean_mesh)
+
   def step_fn(state: TrainState, batch: Mapping[str, jax.Array]):
     rng = jax.random.fold_in(state.rng, state.step)
-    (loss, aux), grads = jax.value_and_grad(
-        lambda p: autoencoder_loss(module, p, batch["image"], rng, recon_loss=recon_loss,
-                                   kl_weight=kl_weight), has_aux=True)(state.params)
+    (loss, aux), grads = grad_fn(state.params, rng, batch["image"])
     new_state, info = trainer.apply_gradients(state, loss, grads, tx, ema_decay)
     metrics = {"loss": loss, "recon_loss": aux["recon"], "kl": aux["kl"],
                "grad_norm": info["grad_norm"],
@@ -155,7 +166,10 @@ def train_autoencoder(config: Any, workdir: Any,
     psnr_before = evaluate_psnr(module, params0, np.asarray(eval_images))
   state = trainer.fit(
       name="autoencoder", create=create, create_args=(rng,),
-      step_fn=make_autoencoder_step(module, tcfg, tx, schedule), train_iter=data, mesh=mesh,
+      step_fn=make_autoencoder_step(
+          module, tcfg, tx, schedule,
+          shard_mean_mesh=mesh if bool(config.mesh.deterministic_reduction) else None),
+      train_iter=data, mesh=mesh,
       checkpoint_dir=wd.autoencoder_checkpoints, logdir=wd.autoencoder,
       settings=trainer.LoopSettings(num_steps=int(tcfg.num_steps),
                                     log_every=max(int(tcfg.log_every), 1),

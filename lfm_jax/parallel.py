@@ -245,6 +245,31 @@ def with_sharding(tree: Any, shardings: Any) -> Any:
                       tree, shardings)
 
 
+def shard_mean(fn: Callable, mesh: Mesh) -> Callable:
+  """`fn(params, rng, batch) -> tree` computed per batch shard and averaged in shard order.
+
+  The returned function takes the same arguments: `batch` (a pytree of batch-major arrays, None
+  leaves allowed) is split over the batch axes, every device runs `fn` on its shard with
+  `rng` folded with the shard's index, and the shards' results are all-gathered and averaged
+  along the gathered axis. The sum's order is the shards' order, not the all-reduce's (whose
+  rounding depends on the host layout), so layouts with the same number of shards (1 process x
+  8 devices, 2 x 4, 8 x 1) agree as far as each shard's own computation does: exactly where
+  the per-device program is the same; XLA:CPU partitions elementwise loops over threads by the
+  local device count, which moves their last bits. Costs one gathered copy of the result per
+  device (the number of shards times the gradient's size).
+  """
+  axes = BATCH_AXES
+
+  def local(params, rng, batch):
+    index = jax.lax.axis_index(axes)
+    out = fn(params, jax.random.fold_in(rng, index), batch)
+    gathered = jax.lax.all_gather(out, axes)
+    return jax.tree.map(lambda g: (g.sum(axis=0) / g.shape[0]).astype(g.dtype), gathered)
+
+  return jax.shard_map(local, mesh=mesh, in_specs=(P(), P(), P(axes)), out_specs=P(),
+                       check_vma=False)
+
+
 def num_batch_shards(mesh: Mesh) -> int:
   """How many pieces a batch is split into (every device holds one)."""
   return int(mesh.devices.size)

@@ -8,17 +8,13 @@ import shutil
 import signal
 import time
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
 import multihost
-from conftest import REFERENCE_MODES
-from helpers import tiny_config, tree_max_abs_diff
+from conftest import REFERENCE_MODES, REFERENCE_OVERRIDES
+from helpers import tree_max_abs_diff
 from lfm_jax import artifacts
-from lfm_jax import autoencoder_train
-from lfm_jax import data
 from lfm_jax import latents
 from lfm_jax import weights
 from lfm_jax import workdir as workdir_lib
@@ -31,7 +27,7 @@ def two_hosts(reference_run, digits_data_dir, tmp_path_factory):
   trains the flow model): the training stages, compared with the reference run's."""
   workdir = str(tmp_path_factory.mktemp("two_hosts") / "w")
   t0 = time.time()
-  logs = multihost.run_stages(workdir, {}, ["train"], data_dir=digits_data_dir,
+  logs = multihost.run_stages(workdir, REFERENCE_OVERRIDES, ["train"], data_dir=digits_data_dir,
                               processes=2, devices=4)
   print(f"2 processes x 4 devices, train: {time.time() - t0:.1f} s")
   assert all("ALL MODES DONE" in log for log in logs)
@@ -52,7 +48,7 @@ def two_hosts_inference(reference_run, digits_data_dir, tmp_path_factory):
       os.remove(os.path.join(workdir, "eval", f))
   t0 = time.time()
   modes = ("encode",) + REFERENCE_MODES[1:]
-  logs = multihost.run_stages(workdir, {}, modes, data_dir=digits_data_dir, processes=2,
+  logs = multihost.run_stages(workdir, REFERENCE_OVERRIDES, modes, data_dir=digits_data_dir, processes=2,
                               devices=4)
   print(f"2 processes x 4 devices, {modes}: {time.time() - t0:.1f} s")
   assert all("ALL MODES DONE" in log for log in logs)
@@ -65,46 +61,33 @@ def test_only_process_0_reports(two_hosts):
   assert "[lfm_jax]" not in logs[1]
 
 
-def test_autoencoder_training_identical_where_it_has_a_gradient(reference_run, two_hosts,
-                                                                digits_data_dir):
-  """Params agree to 1e-6 wherever the loss has a gradient. The biases of convolutions that feed
-  a GroupNorm with one channel per group have none (the norm cancels them): their gradient is
-  rounding noise, which depends on the all-reduce order, and Adam turns it into steps of the
-  learning rate. Those elements must be the only ones that differ."""
+def test_autoencoder_training_identical(reference_run, two_hosts):
+  """mesh.deterministic_reduction averages gradients in shard order, so 2 x 4 devices train the
+  autoencoder exactly as 1 x 8 do (XLA's all-reduce rounds differently per layout, and Adam
+  turns the rounding of zero gradients, e.g. biases before a one-channel GroupNorm, into
+  learning-rate-sized steps)."""
   ref, two = reference_run["workdir"], two_hosts[0]
-  module, a = weights.load_autoencoder_kl(os.path.join(ref, "autoencoder", "diffusers"))
+  _, a = weights.load_autoencoder_kl(os.path.join(ref, "autoencoder", "diffusers"))
   _, b = weights.load_autoencoder_kl(os.path.join(two, "autoencoder", "diffusers"))
-  images = data.load_images(tiny_config(digits_data_dir).data, "train", max_examples=64)[0]
-  grads = jax.grad(lambda p: autoencoder_train.autoencoder_loss(
-      module, p, jnp.asarray(images), jax.random.key(0))[0])(a)
-  diffs = jax.tree.map(lambda x, y: np.abs(np.asarray(x) - np.asarray(y)), a, b)
-  gradient = jax.tree.map(lambda g: np.abs(np.asarray(g)), grads)
-  scale = max(float(np.max(g)) for g in jax.tree.leaves(gradient))
-  differ = sum(int(np.sum(d > 1e-6)) for d in jax.tree.leaves(diffs))
-  with_gradient = max(float(np.max(np.where(g > 1e-6 * scale, d, 0.0)))
-                      for d, g in zip(jax.tree.leaves(diffs), jax.tree.leaves(gradient)))
-  print(f"autoencoder params, 1x8 vs 2x4: max |diff| = {tree_max_abs_diff(a, b):.3g} "
-        f"({differ} of {sum(d.size for d in jax.tree.leaves(diffs))} elements > 1e-6); "
-        f"where the gradient is not zero: {with_gradient:.3g}")
-  assert with_gradient <= 1e-6
+  diff = tree_max_abs_diff(a, b)
+  print(f"autoencoder params, 1x8 vs 2x4: max |diff| = {diff:.3g}")
+  assert diff <= 1e-6
 
 
-def test_flow_training_follows_the_same_trajectory(reference_run, two_hosts):
-  """The same losses at every logged step. The params are reported, not held to 1e-6: the
-  all-reduce order differs between 1x8 and 2x4, and the autoencoder above already differs in
-  the last bits, so the latents and every later step differ by rounding that Adam amplifies."""
+def test_flow_training_identical(reference_run, two_hosts):
+  """The same losses at every logged step, and params and EMA after 20 steps to 1e-6."""
   la = {r["step"]: r["loss"] for r in writers.read_jsonl(
       os.path.join(reference_run["workdir"], "metrics.jsonl")) if "loss" in r}
   lb = {r["step"]: r["loss"] for r in writers.read_jsonl(
       os.path.join(two_hosts[0], "metrics.jsonl")) if "loss" in r}
   print("flow losses 1x8 / 2x4:", {s: (la[s], lb.get(s)) for s in la})
-  assert la.keys() == lb.keys() and all(abs(la[s] - lb[s]) <= 1e-4 * abs(la[s]) for s in la)
+  assert la.keys() == lb.keys() and all(abs(la[s] - lb[s]) <= 1e-6 * abs(la[s]) for s in la)
   for use_ema in (False, True):
     a = artifacts.load_flow_model(reference_run["workdir"], use_ema=use_ema)
     b = artifacts.load_flow_model(two_hosts[0], use_ema=use_ema)
     diff = tree_max_abs_diff(a.params, b.params)
     print(f"flow {'EMA' if use_ema else 'params'} after 20 steps, 1x8 vs 2x4: {diff:.3g}")
-    assert diff <= 1e-2
+    assert diff <= 1e-6
 
 
 def test_latent_cache_identical(reference_run, two_hosts_inference):

@@ -74,3 +74,24 @@ def test_distributed_only_when_the_platform_asks():
   assert parallel._wants_distributed({"SLURM_NTASKS": "4"})  # pylint: disable=protected-access
   assert not parallel._wants_distributed({"SLURM_NTASKS": "4", "LFM_JAX_DISTRIBUTED": "0"})  # pylint: disable=protected-access
   assert parallel.maybe_initialize_distributed({}) is False
+
+
+def test_shard_mean_is_the_batch_mean_with_a_key_per_shard():
+  mesh = parallel.create_mesh()
+  n = mesh.devices.size
+  w = jnp.arange(6.0).reshape(3, 2) / 10
+  x = jax.random.normal(jax.random.key(1), (4 * n, 3))
+
+  def fn(params, rng, batch):
+    loss = lambda p: jnp.mean(jnp.tanh(batch @ p) ** 2)
+    value, grad = jax.value_and_grad(loss)(params)
+    return value, grad, jax.random.uniform(rng, ())
+
+  x_sharded = jax.device_put(x, parallel.data_sharded(mesh))
+  value, grad, draw = jax.jit(parallel.shard_mean(fn, mesh))(w, jax.random.key(0), x_sharded)
+  v_ref, g_ref = jax.value_and_grad(lambda p: jnp.mean(jnp.tanh(x @ p) ** 2))(w)
+  np.testing.assert_allclose(value, v_ref, rtol=1e-6)
+  np.testing.assert_allclose(grad, g_ref, rtol=1e-5, atol=1e-7)
+  per_shard = [jax.random.uniform(jax.random.fold_in(jax.random.key(0), i), ()) for i in range(n)]
+  assert n > 1 and len(set(np.asarray(per_shard).tolist())) == n
+  np.testing.assert_allclose(draw, np.mean(per_shard), rtol=1e-6)
