@@ -60,7 +60,8 @@ def build(bench: str, quick: bool = False):
   if bench == "U":
     unet = _torchcfm_unet_module()
     if quick:
-      model = unet.UNetModel(image_size=4, in_channels=4, model_channels=8, out_channels=4,
+      # 32 channels: guided diffusion's GroupNorm has 32 groups.
+      model = unet.UNetModel(image_size=4, in_channels=4, model_channels=32, out_channels=4,
                              num_res_blocks=1, attention_resolutions=(), channel_mult=(1,),
                              num_heads=2, use_scale_shift_norm=True, dropout=0.0)
       shape, batch = (4, 4, 4), 8
@@ -127,7 +128,7 @@ class Peer:
     with torch.no_grad():
       torch._foreach_mul_(self.ema, EMA_DECAY)  # pylint: disable=protected-access
       torch._foreach_add_(self.ema, self.params, alpha=1 - EMA_DECAY)  # pylint: disable=protected-access
-    value = float(loss)  # synchronous on CPU; the float is the step's end
+    value = float(loss.detach())  # synchronous on CPU: the float is the step's end
     self.losses.append(value)
     return value
 

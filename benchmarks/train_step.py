@@ -313,6 +313,8 @@ def compare_torch(benches, args) -> None:
           ("euler", lambda: sampling.sample(velocity, z, solver="euler", num_steps=args.euler_steps,
                                             args=params)[0],
            {"op": "euler", "batch": sb, "steps": args.euler_steps}, 1)):
+        if op == "euler" and args.euler_steps < 1:
+          continue
         C.log(f"[compare-torch] {bench} {op} ...")
         rec = _interleave(fn, peer, {**cmd, "bench": bench}, args.rounds, per_round, 1)
         C.emit({"kind": "compare_torch", "op": op, **base, "batch_size": sb,
@@ -340,7 +342,7 @@ def main(argv=None):
   p.add_argument("--sampling", action="store_true",
                  help="--compare-torch: also one velocity evaluation and an Euler sample")
   p.add_argument("--sample-batch", type=int, default=32)
-  p.add_argument("--euler-steps", type=int, default=50)
+  p.add_argument("--euler-steps", type=int, default=50, help="0: no Euler sample")
   args = p.parse_args(argv)
   C.post_jax_setup(args)
   if args.compare_torch:

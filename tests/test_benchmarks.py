@@ -211,3 +211,35 @@ def test_common_device_random_params_and_peaks():
   assert C.known_peak_tflops("NVIDIA H100 PCIe") is None and C.known_peak_tflops("cpu") is None
   total, per_device = C.tree_bytes({"a": jax.ShapeDtypeStruct((8, 4), jnp.float32)})
   assert total == per_device == 128
+
+
+def test_peer_torch_has_our_parameter_count():
+  """BENCH-U's PyTorch peer (LFM's guided-diffusion U-Net) is our BENCH-U: 6,950,340 params."""
+  pytest.importorskip("torch")
+  import jax  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from lfm_jax import models  # pylint: disable=g-import-not-at-top
+  peer, ours = _load("peer_torch"), _load("train_step")
+  model, _, shape_chw, batch = peer.build("U")
+  theirs = sum(p.numel() for p in model.parameters())
+  config, shape, our_batch = ours.bench_config("U")
+  net = models.create_model(config.model, shape)
+  abstract = jax.eval_shape(lambda: net.init(jax.random.key(0), np.zeros((1,) + shape, np.float32),
+                                             np.zeros((1,), np.float32), train=False))
+  mine = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(abstract["params"]))
+  assert theirs == mine == 6_950_340
+  assert tuple(shape_chw) == (shape[2], shape[0], shape[1]) and batch == our_batch
+
+
+def test_compare_torch_quick(capsys):
+  """--compare-torch: ours and the PyTorch worker alternate; one record per bench and op."""
+  pytest.importorskip("torch")
+  pytest.importorskip("diffusers")
+  _load("train_step").main(["--quick", "--compare-torch", "--bench", "U,D", "--sampling"])
+  recs = [r for r in _records(capsys) if r["kind"] == "compare_torch"]
+  assert sorted((r["bench"], r["op"]) for r in recs) == sorted(
+      (b, op) for b in "UD" for op in ("train_step", "forward", "euler"))
+  for r in recs:
+    assert r["ours_ms"] > 0 and r["torch_ms"] > 0
+    assert r["ratio"] == pytest.approx(r["ours_ms"] / r["torch_ms"], rel=1e-2, abs=1e-3)
+    assert len(r["ratio_per_round"]) == r["rounds"] == 2
