@@ -36,7 +36,7 @@ SIGMA_MIN = 1e-4  # LFM's sigma_min, as lfm_jax.flow.SIGMA_MIN
 EMA_DECAY = 0.9999
 
 
-def _torchcfm_unet_module():
+def torchcfm_unet_module():
   """torchcfm's guided-diffusion UNetModel without running torchcfm/__init__ (it needs POT)."""
   import importlib  # pylint: disable=g-import-not-at-top
   import importlib.machinery  # pylint: disable=g-import-not-at-top
@@ -58,7 +58,7 @@ def build(bench: str, quick: bool = False):
   import torch  # pylint: disable=g-import-not-at-top
   torch.manual_seed(0)
   if bench == "U":
-    unet = _torchcfm_unet_module()
+    unet = torchcfm_unet_module()
     if quick:
       # 32 channels: guided diffusion's GroupNorm has 32 groups.
       model = unet.UNetModel(image_size=4, in_channels=4, model_channels=32, out_channels=4,

@@ -1,10 +1,9 @@
 """PyTorch <-> Flax velocity-network converters (parity, round trip, strictness)."""
 
-import importlib
 import importlib.machinery
+import importlib.util
 import os
 import sys
-import types
 
 import jax
 import jax.numpy as jnp
@@ -22,21 +21,17 @@ TIMES = (0.0, 0.3, 0.7, 1.0)
 
 
 def _torchcfm_unet_module():
-  """torchcfm's guided-diffusion UNetModel without importing torchcfm/__init__ (needs POT)."""
-  torch = pytest.importorskip("torch")
-  del torch
-  if "torchcfm.models.unet.unet" in sys.modules:
-    return sys.modules["torchcfm.models.unet.unet"]
-  spec = importlib.machinery.PathFinder.find_spec("torchcfm")
-  if spec is None:
+  """torchcfm's guided-diffusion UNetModel (loaded as benchmarks/peer_torch.py loads it)."""
+  pytest.importorskip("torch")
+  if importlib.machinery.PathFinder.find_spec("torchcfm") is None:
     pytest.skip("torchcfm not installed")
-  root = os.path.dirname(spec.origin)
-  for name, path in (("torchcfm", root), ("torchcfm.models", os.path.join(root, "models"))):
-    if name not in sys.modules:
-      pkg = types.ModuleType(name)
-      pkg.__path__ = [path]
-      sys.modules[name] = pkg
-  return importlib.import_module("torchcfm.models.unet.unet")
+  path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks",
+                      "peer_torch.py")
+  sys.path.insert(0, os.path.dirname(path))  # peer_torch imports its sibling _common
+  spec = importlib.util.spec_from_file_location("bench_peer_torch", path)
+  peer = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(peer)
+  return peer.torchcfm_unet_module()
 
 
 def _perturb_torch(model, seed=0, std=0.05):
