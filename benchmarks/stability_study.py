@@ -647,8 +647,8 @@ def section_seam(s: Study, c2f: Optional[dict] = None) -> dict:
         tuned = light  # the evaluation is cached; the model is not needed
       after = s.evaluate(key, heavy, st, light=tuned)
       row[kind] = {**after["metrics"], **s.similarity(after, heavy_eval), "weight": weight}
-    for light in (c2f or {}).get("lights", []):
-      for r in light["sweep"] if light["light_variant"] == p.light else ():
+    for entry in (c2f or {}).get("lights", []):  # not `light`: that is the model fine-tuned
+      for r in entry["sweep"] if entry["light_variant"] == p.light else ():
         if abs(r["light_fraction"] - lf) < 1e-9:
           row["speedup"] = r["speedup"]
     rows.append(row)
