@@ -162,7 +162,8 @@ def test_sigterm_on_both_processes_resumes_bit_identically(two_hosts, digits_dat
   uninterrupted 2-process run."""
   two = two_hosts[0]
   workdir = str(tmp_path / "preempted")
-  overrides = {"autoencoder.pretrained": os.path.join(two, "autoencoder", "diffusers"),
+  overrides = {**REFERENCE_OVERRIDES,  # the config of the uninterrupted run it is compared with
+               "autoencoder.pretrained": os.path.join(two, "autoencoder", "diffusers"),
                "train.log_every": 2}
   procs, logs = multihost.launch(workdir, overrides, ["train"], data_dir=digits_data_dir)
   metrics = os.path.join(workdir, "metrics.jsonl")
