@@ -102,21 +102,10 @@ def bench_config(bench: str, quick: bool = False):
 
 
 def run_train_bench(bench: str, args, counter: C.CompileCounter, peak=None, steps_for_loss=0) -> dict:
-  config, shape, batch_size = bench_config(bench, args.quick)
-  if args.batch_size:
-    batch_size = config.train.batch_size = args.batch_size
-  model = models.create_model(config.model, shape)
-  if bench == "U" and args.small_map_threshold is not None:
-    model = model.clone(small_map_threshold=args.small_map_threshold)
-  mesh = parallel.create_mesh()
-  tx, schedule = optim.create_optimizer(config.train)
-  state = train.create_train_state(jax.random.PRNGKey(0), model, config, shape, tx=tx, mesh=mesh)
-  n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state.params))
-  raw_step = train.make_train_step(model, config, tx, schedule, mesh=mesh)
-  step = train.jit_train_step(raw_step, mesh)
-  rng = np.random.default_rng(0)
-  batch = parallel.host_local_to_global(
-      {"latent": rng.standard_normal((batch_size,) + tuple(shape), np.float32)}, mesh)
+  ours = _our_bench(bench, args)
+  config, model, mesh, state, batch = (ours[k] for k in ("config", "model", "mesh", "state", "batch"))
+  shape, batch_size, n_params = ours["shape"], ours["batch_size"], ours["params"]
+  raw_step, step = ours["raw_step"], ours["step"]
 
   # Model FLOPs from the jaxpr (load-independent, formulation-independent).
   flops_model = C.jaxpr_matmul_flops(jax.make_jaxpr(raw_step)(state, batch))
@@ -195,19 +184,25 @@ def run_train_bench(bench: str, args, counter: C.CompileCounter, peak=None, step
 
 
 def _our_bench(bench: str, args, num_devices=None) -> dict:
-  """BENCH-U / BENCH-D as lfm_jax runs them: the jitted step, its state and a fixed batch."""
+  """BENCH-U / BENCH-D as lfm_jax runs them (--batch-size and --small-map-threshold applied):
+  the raw and jitted step, its state and a fixed batch, on a mesh of num_devices (None: all)."""
   config, shape, batch_size = bench_config(bench, args.quick)
+  if args.batch_size:
+    batch_size = config.train.batch_size = args.batch_size
   model = models.create_model(config.model, shape)
+  if bench == "U" and args.small_map_threshold is not None:
+    model = model.clone(small_map_threshold=args.small_map_threshold)
   mesh = parallel.create_mesh(num_devices)
   tx, schedule = optim.create_optimizer(config.train)
   state = train.create_train_state(jax.random.PRNGKey(0), model, config, shape, tx=tx, mesh=mesh)
-  step = train.jit_train_step(train.make_train_step(model, config, tx, schedule, mesh=mesh), mesh)
+  raw_step = train.make_train_step(model, config, tx, schedule, mesh=mesh)
   rng = np.random.default_rng(0)
   batch = parallel.host_local_to_global(
       {"latent": rng.standard_normal((batch_size,) + tuple(shape), np.float32)}, mesh)
   n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state.params))
-  return {"model": model, "mesh": mesh, "state": state, "step": step, "batch": batch,
-          "shape": shape, "batch_size": batch_size, "params": n_params}
+  return {"config": config, "model": model, "mesh": mesh, "state": state, "raw_step": raw_step,
+          "step": train.jit_train_step(raw_step, mesh), "batch": batch, "shape": shape,
+          "batch_size": batch_size, "params": n_params}
 
 
 class _Peer:

@@ -151,7 +151,8 @@ def make_train_step(model: nn.Module, config: Any, tx: optax.GradientTransformat
   if bool(config.mesh.deterministic_reduction):
     if mesh is None:
       raise ValueError("mesh.deterministic_reduction=True needs the mesh (make_train_step(mesh=...))")
-    per_shard = parallel.shard_mean(lambda p, r, b: jax.value_and_grad(loss_fn)(p, *b, r), mesh)
+    whole = grad_fn
+    per_shard = parallel.shard_mean(lambda p, r, b: whole(p, *b, r), mesh)
     grad_fn = lambda p, z, y, c, r: per_shard(p, r, (z, y, c))
 
   def micro_split(x):
