@@ -44,6 +44,43 @@ def loadavg() -> Optional[float]:
     return None
 
 
+def _busy_cpu_seconds() -> Optional[float]:
+  """CPU seconds every process has spent busy since boot (/proc/stat), None off Linux."""
+  try:
+    with open("/proc/stat") as f:
+      fields = f.readline().split()
+  except OSError:
+    return None
+  if not fields or fields[0] != "cpu":
+    return None
+  # user nice system idle iowait irq softirq steal ...: all but idle and iowait are busy.
+  ticks = [int(v) for v in fields[1:]]
+  busy = sum(ticks) - ticks[3] - (ticks[4] if len(ticks) > 4 else 0)
+  return busy / os.sysconf("SC_CLK_TCK")
+
+
+def cpu_mark() -> tuple:
+  """A mark for `other_busy_cores`: (machine busy CPU s, this process's CPU s, wall s)."""
+  return _busy_cpu_seconds(), time.process_time(), time.perf_counter()
+
+
+def other_busy_cores(mark: Optional[tuple] = None, window_s: float = 2.0) -> Optional[float]:
+  """Cores kept busy by *other* processes since `mark` (or over a `window_s` sleep); None off
+  Linux.
+
+  The machine's busy CPU time minus this process's own, divided by the wall time: unlike the
+  load average, it does not count what this process itself ran a minute ago.
+  """
+  if mark is None:
+    mark = cpu_mark()
+    time.sleep(window_s)
+  busy0, own0, wall0 = mark
+  busy1, own1, wall1 = cpu_mark()
+  if busy0 is None or busy1 is None or wall1 <= wall0:
+    return None
+  return round(max(0.0, (busy1 - busy0) - (own1 - own0)) / (wall1 - wall0), 2)
+
+
 def environment() -> dict:
   """Platform facts attached to every record."""
   import jax  # pylint: disable=g-import-not-at-top

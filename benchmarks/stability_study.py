@@ -85,6 +85,12 @@ EVAL_SEED = 1000  # noise seed of every evaluation sample set (same-seed pairs a
 STUDY_FILE = "stability_study"
 
 
+# Config overrides of every plan. EMA warm-up: with the default's constant decay 0.999 and no
+# warm-up, a model of a few hundred steps is still mostly its initialisation in EMA
+# (0.999 ** 800 = 0.45).
+STUDY_OVERRIDES = {"train.ema_warmup": True}
+
+
 @dataclasses.dataclass
 class Plan:
   """What the study runs (the full study's values; `quick_plan` shrinks them)."""
@@ -115,7 +121,7 @@ class Plan:
   memory_model: str = "dit_s2"
   classifier_steps: int = 400
   score_batch: int = 256
-  overrides: dict = dataclasses.field(default_factory=dict)
+  overrides: dict = dataclasses.field(default_factory=lambda: dict(STUDY_OVERRIDES))
 
 
 # The quick plan's config: tests/helpers.py's TINY sizes (8x8 digits, tiny widths), with one
@@ -125,7 +131,7 @@ QUICK_OVERRIDES = {
     "autoencoder.norm_num_groups": 8, "autoencoder.train.num_steps": 30,
     "autoencoder.train.log_every": 10, "model.model_channels": 16,
     "model.norm_num_groups": 8, "model.mid_attention": False, "model.channel_mult": (1,),
-    "train.learning_rate": 5e-3,
+    "train.learning_rate": 5e-3, **STUDY_OVERRIDES,
 }
 
 
@@ -145,16 +151,34 @@ def _say(msg: str) -> None:
   print(f"[study] {msg}", file=sys.stderr, flush=True)
 
 
-def load_warning(where: str, own_threads: int = 0) -> Optional[str]:
-  """A warning line (also printed) when the 1-minute load average exceeds this process's own
-  `own_threads` busy threads by more than half a core per two CPUs: other work is running. None
-  when the machine is idle enough for wall times to mean something."""
-  load = C.loadavg()
-  cpus = os.cpu_count() or 1
-  if load is None or load <= own_threads + 0.5 * max(1, cpus // 2):
+def load_warning(where: str, mark: Optional[tuple] = None) -> Optional[str]:
+  """A warning line (also printed) when other processes kept more than a quarter of a core busy
+  since `mark` (C.cpu_mark(); None: over the next two seconds) — this process's own work is not
+  counted. None when the machine is idle enough for wall times to mean something."""
+  others = C.other_busy_cores(mark)
+  if others is None:  # not Linux: the load average, which includes this process's own work
+    others = C.loadavg()
+  if others is None or others <= 0.25:
     return None
-  msg = (f"WARNING: load average {load:.2f} on {cpus} CPUs {where}: other processes are running,"
-         " so wall times (and the coarse-to-fine speedups) are not those of an idle machine")
+  msg = (f"WARNING: other processes kept {others:.2f} of {os.cpu_count()} CPUs busy {where}, so "
+         "wall times (and the coarse-to-fine speedups) are not those of an idle machine")
+  print(msg, file=sys.stderr, flush=True)
+  return msg
+
+
+# Class agreement of the full model below which its samples are too poor for the study to mean
+# anything (chance is 1 / 10; the embedded default trained for 2,000 steps reaches 0.998).
+MIN_CLASS_AGREEMENT = 0.9
+
+
+def undertrained_warning(full_metrics: dict) -> Optional[str]:
+  """A warning line when the full model's samples are near chance (too few steps)."""
+  agree = full_metrics.get("class_agreement")
+  if agree is None or agree >= MIN_CLASS_AGREEMENT:
+    return None
+  msg = (f"WARNING: the full model's class agreement is {agree:.3f} (< {MIN_CLASS_AGREEMENT}; "
+         "chance 0.1): its models are undertrained, and the comparisons below say little; "
+         "train longer (--steps)")
   print(msg, file=sys.stderr, flush=True)
   return msg
 
@@ -538,10 +562,10 @@ def _timing(s: Study, heavy, lights: dict, fractions) -> dict:
     for lf in fractions:
       fns[f"{name}/c2f_{lf:g}"] = run(heavy, light, lf)
     fns[f"{name}/only"] = run(light)
-  warning = load_warning("before the coarse-to-fine timing", own_threads=0)
+  warning = load_warning("before the coarse-to-fine timing")
+  mark = C.cpu_mark()
   stats = C.time_interleaved(fns, iters=p.timing_iters, warmup=1)
-  warning = load_warning("during the coarse-to-fine timing",
-                         own_threads=min(os.cpu_count() or 1, s.num_devices)) or warning
+  warning = load_warning("during the coarse-to-fine timing", mark) or warning
   return {"batch_size": b, "iters": p.timing_iters, "stats": stats, "warning": warning,
           "loadavg_after": C.loadavg()}
 
@@ -1197,6 +1221,11 @@ def estimate(s: Study, t_start: float, c_start: float) -> dict:
          "base_wall_s": s.base_seconds["wall_s"], "estimate_wall_s": wall,
          "estimate_idle_wall_s_from_cpu": cpu / cores, "loadavg": C.loadavg(),
          "elapsed_wall_s": time.time() - t_start, "elapsed_cpu_s": time.process_time() - c_start}
+  m = s._evals["full_s0"]["metrics"]  # pylint: disable=protected-access
+  out["full_s0"] = {k: m[k] for k in ("fd", "precision", "recall", "class_agreement")}
+  out["warning"] = undertrained_warning(m)
+  _say(f"full_s0: FD {m['fd']:.2f}, precision {m['precision']:.3f}, recall {m['recall']:.3f}, "
+       f"class agreement {m['class_agreement']:.3f}")
   _say(f"one model: train {train['wall_s']:.1f} s wall / {train['cpu_s']:.1f} s CPU "
        f"({p.steps} steps), evaluation {ev['wall_s']:.1f} s wall / {ev['cpu_s']:.1f} s CPU "
        f"({p.num_samples} samples)")
@@ -1360,6 +1389,8 @@ def run_study(args, argv: Sequence[str], plan: Plan, sections: Sequence[str],
     results["guidance"] = section_guidance(s)
   if "memory" in sections:
     results["memory"] = section_memory(s)
+  if "full_s0" in s._evals:  # pylint: disable=protected-access
+    warnings += [w for w in [undertrained_warning(s._evals["full_s0"]["metrics"])] if w]  # pylint: disable=protected-access
   results["warnings"] = warnings
   results["timing"] = {
       "base": s.base_seconds, "models_trained": len(s.trained), "trained": s.trained,
