@@ -80,6 +80,7 @@ VARIANTS = {
     "quarter": (0.25, None),
     "shallow": (1.0, 1),
     "half_shallow": (0.5, 1),
+    "quarter_shallow": (0.25, 1),
 }
 EVAL_SEED = 1000  # noise seed of every evaluation sample set (same-seed pairs across models)
 STUDY_FILE = "stability_study"
@@ -105,8 +106,11 @@ class Plan:
   capacity: tuple = ("half", "quarter", "shallow", "half_shallow")
   capacity_seeds: tuple = (0, 1, 2)
   scoring_variant: str = "half"
-  light: str = "half_shallow"  # the light model of the seam section
-  c2f_lights: tuple = ("half_shallow", "quarter")  # light models of the coarse-to-fine sweeps
+  light: str = "quarter"  # the light model of the seam section
+  # Light models of the coarse-to-fine sweeps. On these 4x4x4 latents a U-Net's wall time falls
+  # much slower than its FLOPs (overhead per op), so the light models cut width and levels both
+  # (their measured speed: benchmarks/README.md, "Stability study").
+  c2f_lights: tuple = ("quarter", "quarter_shallow", "half_shallow")
   fractions: tuple = (0.3, 0.5, 0.7, 0.8, 0.9)
   seam_fractions: tuple = (0.5, 0.7, 0.9)
   seam_steps: int = 300
