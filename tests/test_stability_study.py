@@ -296,3 +296,30 @@ def test_finetune_pulls_the_light_model_to_the_heavy_one_at_the_switch(tmp_path)
   assert seam_gap(again) == pytest.approx(after, rel=1e-6)
   with pytest.raises(ValueError, match="t_switch"):
     seam_train.finetune(c, tmp_path / "bad", light, data, t_switch=1.0)
+
+
+def test_readme_headline_is_the_committed_study():
+  """README's stability table carries the committed run's numbers (study/stability_study.json)."""
+  import re  # pylint: disable=g-import-not-at-top
+  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  with open(os.path.join(repo, "study", "stability_study.json")) as f:
+    summary = {(r["method"], r["ratio"]): r for r in json.load(f)["subsets"]["summary"]}
+  with open(os.path.join(repo, "README.md")) as f:
+    readme = f.read()
+  names = {"loss": "loss", "gradient": "gradient", "cluster, proportional": "cluster_proportional",
+           "cluster, balanced": "cluster_balanced", "random": "random", "k-center": "kcenter",
+           "herding": "herding"}
+  seen = 0
+  for line in readme.splitlines():
+    cells = [c.strip() for c in line.strip().strip("|").split("|")]
+    if len(cells) != 5 or cells[0] not in names:
+      continue
+    method = names[cells[0]]
+    for ratio, fd_cell, cos_cell in ((0.5, cells[1], cells[3]), (0.75, cells[2], cells[4])):
+      row = summary[(method, ratio)]
+      fd_mean, fd_std = (float(v) for v in re.findall(r"[\d.]+", fd_cell))
+      assert fd_mean == pytest.approx(row["fd"][0], abs=0.006), (method, ratio)
+      assert fd_std == pytest.approx(row["fd"][1], abs=0.006), (method, ratio)
+      assert float(cos_cell) == pytest.approx(row["same_seed"]["cosine"][0], abs=6e-4)
+    seen += 1
+  assert seen == len(names)
