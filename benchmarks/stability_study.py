@@ -1197,7 +1197,7 @@ def pair_rows(s: Study) -> list[tuple[str, str]]:
 
 def estimate(s: Study, t_start: float, c_start: float) -> dict:
   """Trains and evaluates one full model, then extrapolates the whole plan's time."""
-  s.model_eval("full_s0", "full", 0)
+  m = s.model_eval("full_s0", "full", 0)["metrics"]
   p = s.plan
   train = s.trained[-1] if s.trained else None
   ev = s.evaluated[-1] if s.evaluated else None
@@ -1225,7 +1225,6 @@ def estimate(s: Study, t_start: float, c_start: float) -> dict:
          "base_wall_s": s.base_seconds["wall_s"], "estimate_wall_s": wall,
          "estimate_idle_wall_s_from_cpu": cpu / cores, "loadavg": C.loadavg(),
          "elapsed_wall_s": time.time() - t_start, "elapsed_cpu_s": time.process_time() - c_start}
-  m = s._evals["full_s0"]["metrics"]  # pylint: disable=protected-access
   out["full_s0"] = {k: m[k] for k in ("fd", "precision", "recall", "class_agreement")}
   out["warning"] = undertrained_warning(m)
   _say(f"full_s0: FD {m['fd']:.2f}, precision {m['precision']:.3f}, recall {m['recall']:.3f}, "
@@ -1393,8 +1392,9 @@ def run_study(args, argv: Sequence[str], plan: Plan, sections: Sequence[str],
     results["guidance"] = section_guidance(s)
   if "memory" in sections:
     results["memory"] = section_memory(s)
-  if "full_s0" in s._evals:  # pylint: disable=protected-access
-    warnings += [w for w in [undertrained_warning(s._evals["full_s0"]["metrics"])] if w]  # pylint: disable=protected-access
+  full = s._evals.get("full_s0")  # pylint: disable=protected-access  (evaluated by a section)
+  if full and (w := undertrained_warning(full["metrics"])):
+    warnings.append(w)
   results["warnings"] = warnings
   results["timing"] = {
       "base": s.base_seconds, "models_trained": len(s.trained), "trained": s.trained,

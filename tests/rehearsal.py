@@ -372,8 +372,8 @@ if __name__ == "__main__":
   flags_now = [f for f in os.environ.get("XLA_FLAGS", "").split()
                if not f.startswith("--xla_force_host_platform_device_count")]
   # One device (8 simulated ones, as tests/conftest.py makes, compile 2-3x slower). LLVM at -O0:
-  # the rehearsals are compile-bound (tiny steps), and its compiles are faster than its slower
-  # kernels cost (the whole set ~15% faster; the numbers checked are plumbing, not parity).
+  # the rehearsals are compile-bound (tiny steps), so its faster compiles outweigh its slower
+  # kernels; the numbers checked are plumbing, not parity.
   extra = ["--xla_force_host_platform_device_count=1"]
   if not any(f.startswith("--xla_backend_optimization_level") for f in flags_now):
     extra.append("--xla_backend_optimization_level=0")

@@ -25,8 +25,8 @@ from lfm_jax import workdir as workdir_lib
 
 CONFIG_FILES = sorted(f for f in os.listdir(rehearsal.CONFIG_DIR)
                       if f.endswith(".py") and not f.startswith("_"))
-# Two workers of about equal CPU time; a data set is prepared
-# by one worker only; networks that shrink to the same program follow each other.
+# Two workers of about equal CPU time; a data set is prepared by one worker only; networks that
+# shrink to the same program follow each other.
 WORKERS = (
     ("celeba_hq_256_dit_l2.py", "coarse_to_fine_dit_s2_xl2.py", "stability_prune.py",
      "celeba_hq_256_adm.py", "celeba_hq_256_inpainting_adm.py", "celeba_hq_512_adm.py",

@@ -301,10 +301,9 @@ def test_finetune_pulls_the_light_model_to_the_heavy_one_at_the_switch(tmp_path)
 def test_readme_headline_is_the_committed_study():
   """README's stability table carries the committed run's numbers (study/stability_study.json)."""
   import re  # pylint: disable=g-import-not-at-top
-  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  with open(os.path.join(repo, "study", "stability_study.json")) as f:
+  with open(os.path.join(REPO, "study", "stability_study.json")) as f:
     summary = {(r["method"], r["ratio"]): r for r in json.load(f)["subsets"]["summary"]}
-  with open(os.path.join(repo, "README.md")) as f:
+  with open(os.path.join(REPO, "README.md")) as f:
     readme = f.read()
   names = {"loss": "loss", "gradient": "gradient", "cluster, proportional": "cluster_proportional",
            "cluster, balanced": "cluster_balanced", "random": "random", "k-center": "kcenter",
