@@ -61,13 +61,21 @@ def apply_gradients(state: TrainState, loss: jax.Array, grads: Any,
   """
   grad_norm = optax.tree.norm(grads)
   finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-  updates, opt_state = tx.update(grads, state.opt_state, state.params)
-  params = optax.apply_updates(state.params, updates)
-  ema_params = optim.ema_update(state.ema_params, params, ema_decay)
-  keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
-  new = state.replace(step=state.step + 1, params=keep(params, state.params),
-                      ema_params=keep(ema_params, state.ema_params),
-                      opt_state=keep(opt_state, state.opt_state))
+
+  def update(operands):
+    params, ema_params, opt_state, grads = operands
+    updates, opt_state = tx.update(grads, opt_state, params)
+    params = optax.apply_updates(params, updates)
+    return params, optim.ema_update(ema_params, params, ema_decay), opt_state
+
+  # A conditional rather than a per-leaf select(finite, new, old): with the state donated, the
+  # select form makes XLA copy every state buffer at the start of the step (the old value is
+  # live until the end), and adds a select per leaf; the taken branch updates in place.
+  params, ema_params, opt_state = jax.lax.cond(
+      finite, update, lambda operands: operands[:3],
+      (state.params, state.ema_params, state.opt_state, grads))
+  new = state.replace(step=state.step + 1, params=params, ema_params=ema_params,
+                      opt_state=opt_state)
   return new, {"grad_norm": grad_norm, "finite": finite}
 
 

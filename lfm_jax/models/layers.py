@@ -86,9 +86,20 @@ def _group_stats(x, groups: int, eps: float):
   return mean, jax.lax.rsqrt(var + eps)
 
 
+# Name scope of the statistics expansion below (float32 by design, whatever the compute dtype).
+PER_CHANNEL_SCOPE = "group_stats_per_channel"
+
+
 def _per_channel(v, groups: int, c: int):
-  """(B, G) -> (B, C): each group's value repeated over its channels."""
-  return jnp.repeat(v, c // groups, axis=1)
+  """(B, G) -> (B, C): each group's value repeated over its channels.
+
+  A matmul with the 0/1 group-membership matrix (exact: one nonzero term per output) rather
+  than a repeat: XLA fuses a repeat's broadcast-reshape into every consumer, and the CPU
+  backend then gathers per element instead of running a vectorised loop over channels.
+  """
+  member = np.kron(np.eye(groups, dtype=np.float32), np.ones((1, c // groups), np.float32))
+  with jax.named_scope(PER_CHANNEL_SCOPE):
+    return jnp.dot(v, member.astype(v.dtype), precision=jax.lax.Precision.HIGHEST)
 
 
 def _expand(v, ndim: int):
