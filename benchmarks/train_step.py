@@ -301,7 +301,9 @@ def compare_torch(benches, args) -> None:
         tb = jnp.broadcast_to(jnp.asarray(t, jnp.float32), (x.shape[0],))
         return model.apply({"params": p}, x, tb, train=False)
 
-      forward = jax.jit(lambda p, x: velocity(0.5, x, p))
+      # One evaluation compiled as the samplers compile theirs (forward-only compiler options).
+      forward = jax.jit(lambda p, x: velocity(0.5, x, p),
+                        compiler_options=parallel.inference_compiler_options())
       for op, fn, cmd, per_round in (
           ("forward", lambda: forward(params, z), {"op": "forward", "batch": sb},
            args.iters_per_round),

@@ -187,13 +187,15 @@ def _solve_batch(plan: _Plan, heavy_params, light_params, seed, indices, labels,
 @functools.lru_cache(maxsize=32)
 def _compiled_solver(plan: _Plan, mesh) -> Callable:
   batch = parallel.data_sharded(mesh)
-  return jax.jit(functools.partial(_solve_batch, plan), out_shardings=(batch, batch, batch, batch))
+  return jax.jit(functools.partial(_solve_batch, plan), out_shardings=(batch, batch, batch, batch),
+                 compiler_options=parallel.inference_compiler_options())
 
 
 @functools.lru_cache(maxsize=8)
 def _compiled_decoder(module, mesh) -> Callable:
   return jax.jit(lambda p, z: jnp.clip(module.apply({"params": p}, z, method=module.decode),
-                                       -1.0, 1.0), out_shardings=parallel.data_sharded(mesh))
+                                       -1.0, 1.0), out_shardings=parallel.data_sharded(mesh),
+                 compiler_options=parallel.inference_compiler_options())
 
 
 def generate(model, autoencoder, num: int, *, settings: SamplerSettings, seed: int,

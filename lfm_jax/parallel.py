@@ -137,14 +137,35 @@ def maybe_initialize_distributed(environ: Optional[Mapping[str, str]] = None,
 # weight-gradient) convolutions are slower than XLA's own (Eigen) ones. Training programs keep
 # YNNPACK for what it does well here, dots and reductions, and leave convolutions (and
 # elementwise fusions, which pull convolutions in and slow down small models) to XLA.
-# benchmarks/README.md has the measurements.
-_CPU_TRAIN_COMPILER_OPTIONS = {
-    "xla_cpu_experimental_ynn_fusion_type":
-        "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT,LIBRARY_FUSION_TYPE_REDUCE",
+# Inference programs (forward passes only: ODE solves, decoders) run fastest with YNNPACK off
+# altogether: a DiT forward's dots are faster in XLA's own kernels, a U-Net forward is unchanged,
+# and the results are the same. benchmarks/README.md has the measurements.
+_CPU_COMPILER_OPTIONS = {
+    "train": {
+        "xla_cpu_experimental_ynn_fusion_type":
+            "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT,LIBRARY_FUSION_TYPE_REDUCE",
+    },
+    "inference": {"xla_cpu_experimental_ynn_fusion_type": ""},
 }
 
 
 @functools.lru_cache(maxsize=None)
+def _cpu_compiler_options(kind: str) -> Optional[dict]:
+  if jax.default_backend() != "cpu":
+    return None
+  if "ynn_fusion_type" in os.environ.get("XLA_FLAGS", ""):
+    return None
+  if os.environ.get("LFM_JAX_XLA_DEFAULTS", "").lower() in ("1", "true", "yes"):
+    return None
+  options = dict(_CPU_COMPILER_OPTIONS[kind])
+  try:
+    jax.jit(lambda x: x + 1, compiler_options=options).lower(np.zeros(2, np.float32)).compile()
+  except Exception as e:  # pylint: disable=broad-except
+    logging.info("XLA:CPU %s compiler options not available (%s); using XLA's defaults", kind, e)
+    return None
+  return options
+
+
 def train_compiler_options() -> Optional[dict]:
   """XLA compiler options for jitted train steps: `jax.jit(..., compiler_options=...)`.
 
@@ -152,19 +173,13 @@ def train_compiler_options() -> Optional[dict]:
   $LFM_JAX_XLA_DEFAULTS=1, or when this jaxlib does not know the option (checked by compiling
   a tiny function once).
   """
-  if jax.default_backend() != "cpu":
-    return None
-  if "ynn_fusion_type" in os.environ.get("XLA_FLAGS", ""):
-    return None
-  if os.environ.get("LFM_JAX_XLA_DEFAULTS", "").lower() in ("1", "true", "yes"):
-    return None
-  options = dict(_CPU_TRAIN_COMPILER_OPTIONS)
-  try:
-    jax.jit(lambda x: x + 1, compiler_options=options).lower(np.zeros(2, np.float32)).compile()
-  except Exception as e:  # pylint: disable=broad-except
-    logging.info("XLA:CPU train compiler options not available (%s); using XLA's defaults", e)
-    return None
-  return options
+  return _cpu_compiler_options("train")
+
+
+def inference_compiler_options() -> Optional[dict]:
+  """XLA compiler options for jitted forward-only programs (sampling, decoding): on CPU,
+  YNNPACK off. None in the same cases as `train_compiler_options`."""
+  return _cpu_compiler_options("inference")
 
 
 # ----------------------------------------------------------------------------------- meshes

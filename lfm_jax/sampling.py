@@ -24,6 +24,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lfm_jax import parallel
+
 VelocityFn = Callable[..., jax.Array]
 
 
@@ -110,11 +112,17 @@ def _solve(velocity_fn, z, args, t_start, t_end, solver, num_steps, rtol, atol, 
                max_steps=max_steps, t_start=t_start, t_end=t_end)
 
 
-@functools.partial(
-    jax.jit, static_argnames=("velocity_fn", "solver", "num_steps", "rtol", "atol", "max_steps",
-                              "t_start", "t_end"))
-def _sample_jit(velocity_fn, noise, args, *, solver, num_steps, rtol, atol, max_steps, t_start, t_end):
+def _sample(velocity_fn, noise, args, *, solver, num_steps, rtol, atol, max_steps, t_start, t_end):
   return _solve(velocity_fn, noise, args, t_start, t_end, solver, num_steps, rtol, atol, max_steps)
+
+
+@functools.lru_cache(maxsize=None)
+def _sample_jit() -> Callable:
+  """The jitted `_sample` with the forward-only compiler options, built on first use (not at
+  import: the options query the backend, which jax.distributed must set up first)."""
+  return jax.jit(_sample, static_argnames=("velocity_fn", "solver", "num_steps", "rtol", "atol",
+                                           "max_steps", "t_start", "t_end"),
+                 compiler_options=parallel.inference_compiler_options())
 
 
 def _info(nfe, failed, solver):
@@ -159,7 +167,7 @@ def sample(
       raise ValueError(f"solver {solver!r} is fixed-step and needs num_steps >= 1, got {num_steps}")
   else:
     num_steps = None
-  z, nfe, failed = _sample_jit(
+  z, nfe, failed = _sample_jit()(
       velocity_fn, noise, args, solver=solver, num_steps=num_steps, rtol=float(rtol),
       atol=float(atol), max_steps=int(max_steps), t_start=float(t_start), t_end=float(t_end))
   return z, _info(nfe, failed, solver)
@@ -203,11 +211,17 @@ def solve_coarse_to_fine(light_fn: VelocityFn, heavy_fn: VelocityFn, z: jax.Arra
   return z, nfe_light, nfe_heavy, failed
 
 
-@functools.partial(
-    jax.jit, static_argnames=("light_fn", "heavy_fn", "solver", "n_light", "n_heavy", "rtol", "atol",
-                              "max_steps", "t_switch"))
-def _coarse_to_fine_jit(light_fn, heavy_fn, noise, light_args, heavy_args, *, solver, n_light,
-                        n_heavy, rtol, atol, max_steps, t_switch):
+@functools.lru_cache(maxsize=None)
+def _coarse_to_fine_jit() -> Callable:
+  """The jitted `_coarse_to_fine`, built on first use like `_sample_jit`."""
+  return jax.jit(_coarse_to_fine, static_argnames=("light_fn", "heavy_fn", "solver", "n_light",
+                                                   "n_heavy", "rtol", "atol", "max_steps",
+                                                   "t_switch"),
+                 compiler_options=parallel.inference_compiler_options())
+
+
+def _coarse_to_fine(light_fn, heavy_fn, noise, light_args, heavy_args, *, solver, n_light,
+                    n_heavy, rtol, atol, max_steps, t_switch):
   return solve_coarse_to_fine(light_fn, heavy_fn, noise, light_args, heavy_args, solver=solver,
                               t_switch=t_switch, n_light=n_light, n_heavy=n_heavy, rtol=rtol,
                               atol=atol, max_steps=max_steps)
@@ -264,7 +278,7 @@ def sample_coarse_to_fine(
   """
   solver = _canonical_solver(solver)
   t_switch, n_light, n_heavy = coarse_to_fine_plan(solver, num_steps, light_fraction)
-  z, nfe_light, nfe_heavy, failed = _coarse_to_fine_jit(
+  z, nfe_light, nfe_heavy, failed = _coarse_to_fine_jit()(
       light_fn, heavy_fn, noise, light_args, heavy_args, solver=solver, n_light=n_light,
       n_heavy=n_heavy, rtol=float(rtol), atol=float(atol), max_steps=int(max_steps),
       t_switch=t_switch)

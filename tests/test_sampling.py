@@ -88,11 +88,11 @@ def test_compiled_once_and_reused_with_new_args(noise):
   def fn(t, z, params):
     return flow.gaussian_marginal_velocity(t, z, params["m"], params["s"])
 
-  sampling._sample_jit.clear_cache()
+  sampling._sample_jit().clear_cache()
   for m in (0.0, 1.0, 2.0):
     z, _ = sampling.sample(fn, noise, solver="euler", num_steps=4, args={"m": jnp.float32(m),
                                                                          "s": jnp.float32(S)})
-  assert sampling._sample_jit._cache_size() == 1
+  assert sampling._sample_jit()._cache_size() == 1
   z, _ = sampling.sample(fn, noise, solver="dopri5", args={"m": jnp.float32(M), "s": jnp.float32(S)})
   np.testing.assert_allclose(z, pushforward(noise, M, S), atol=1e-3)
 
@@ -162,3 +162,35 @@ def test_coarse_to_fine_per_segment_step_counts(noise):
                                            solver="euler", num_steps=(14, 6))
   assert (int(info["nfe_light"]), int(info["nfe_heavy"])) == (14, 6)
   assert info["t_switch"] == pytest.approx(0.3)
+
+
+def test_samplers_compile_with_the_inference_options_and_keep_the_numbers():
+  """On CPU the samplers' programs are compiled with parallel.inference_compiler_options()
+  (YNNPACK off); a small DiT's Euler sample equals the one compiled with XLA's defaults."""
+  from lfm_jax import parallel  # pylint: disable=g-import-not-at-top
+  from lfm_jax.models.dit import DiT  # pylint: disable=g-import-not-at-top
+  opts = parallel.inference_compiler_options()
+  assert opts == {"xla_cpu_experimental_ynn_fusion_type": ""}  # the tests run on CPU
+  module = DiT(hidden_size=64, depth=2, num_heads=2, patch_size=2)
+  z0 = jax.random.normal(jax.random.PRNGKey(3), (4, 8, 8, 4))
+  params = module.init(jax.random.PRNGKey(0), z0, jnp.zeros((4,)))["params"]
+  leaves, treedef = jax.tree.flatten(params)  # off DiT's zero init, so the output is not 0
+  keys = jax.random.split(jax.random.PRNGKey(1), len(leaves))
+  params = jax.tree.unflatten(treedef, [x + 0.05 * jax.random.normal(k, x.shape)
+                                        for x, k in zip(leaves, keys)])
+
+  def velocity(t, x, p):
+    return module.apply({"params": p}, x, jnp.broadcast_to(jnp.float32(t), (x.shape[0],)))
+
+  ours, _ = sampling.sample(velocity, z0, solver="euler", num_steps=3, args=params)
+  static = dict(solver="euler", num_steps=3, rtol=1e-5, atol=1e-5, max_steps=4096, t_start=1.0,
+                t_end=0.0)
+  lowered = jax.jit(sampling._sample, static_argnames=("velocity_fn",) + tuple(static)).lower(
+      velocity, z0, params, **static)
+  default = lowered.compile()(z0, params)[0]
+  np.testing.assert_allclose(ours, default, rtol=1e-5, atol=1e-5)
+  assert float(jnp.abs(ours - z0).max()) > 0.1  # the network moved the latents
+  # The options reach the compiled program: XLA's defaults call YNNPACK, ours do not.
+  assert "__ynn_fusion" in lowered.compile().as_text()
+  ours_text = sampling._sample_jit().lower(velocity, z0, params, **static).compile().as_text()
+  assert "__ynn_fusion" not in ours_text
