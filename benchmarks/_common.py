@@ -17,6 +17,11 @@ import sys
 import time
 from typing import Any, Callable, Optional, Sequence
 
+from lfm_jax import huge_pages  # imports no jax
+
+
+_HERE = os.path.dirname(os.path.abspath(__file__))
+
 
 def set_host_device_count(n: Optional[int]) -> None:
   """Asks XLA for `n` host (CPU) devices; must run before jax is imported. No-op for None/0.
@@ -91,6 +96,7 @@ def environment() -> dict:
       "num_devices": jax.device_count(),
       "cpu_count": os.cpu_count(),
       "jax": jax.__version__,
+      "huge_pages": huge_pages.active(),
   }
 
 
@@ -344,6 +350,11 @@ def pre_jax_setup(argv: Optional[Sequence[str]] = None, auto_host_devices: bool 
   auto_host_devices: without --host-devices, use default_host_devices() like lfm_jax.main
   does, unless XLA_FLAGS already sets a count or jax is already imported (tests).
   """
+  main = sys.modules.get("__main__")
+  if os.path.dirname(os.path.abspath(getattr(main, "__file__", None) or "")) == _HERE:
+    # A script of this folder run as a program (not imported by a test): run as lfm_jax.main
+    # runs, with huge pages for XLA's host buffers (lfm_jax/huge_pages.py).
+    huge_pages.exec_with_huge_pages()
   argv = list(sys.argv[1:] if argv is None else argv)
   chosen = None
   for i, a in enumerate(argv):

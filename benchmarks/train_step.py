@@ -55,6 +55,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
+from lfm_jax import huge_pages  # noqa: E402
 from lfm_jax import models  # noqa: E402
 from lfm_jax import parallel  # noqa: E402
 from lfm_jax import train  # noqa: E402
@@ -214,7 +215,10 @@ class _Peer:
            "--serve", "--bench", ",".join(benches), "--threads", str(threads)]
     if quick:
       cmd.append("--quick")
-    self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    # The peer runs with the environment this command was started with (glibc's defaults), as
+    # a PyTorch user runs it; ours may have re-executed itself with huge pages, as lfm_jax.main.
+    self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                                 env=huge_pages.environ_before())
     self.info = self._read()
 
   def _read(self) -> dict:

@@ -7,6 +7,10 @@ overridden: `--config.train.num_steps=500`. `--mode` overrides config.mode.
 import os
 import sys
 
+if __name__ == "__main__":
+  from lfm_jax import huge_pages  # pylint: disable=g-import-not-at-top
+  huge_pages.exec_with_huge_pages()  # first thing: glibc reads its tunables at process start
+
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
 
@@ -96,6 +100,8 @@ def parse_flags(argv):
 
 def run():
   """Console-script entry point (`lfm-jax`)."""
+  from lfm_jax import huge_pages  # pylint: disable=g-import-not-at-top
+  huge_pages.exec_with_huge_pages()
   app.run(main, flags_parser=parse_flags)
 
 
