@@ -2,6 +2,7 @@
 
     python benchmarks/peer_torch.py --bench U,D          # train steps, one JSON line per bench
     python benchmarks/peer_torch.py --bench U --sampling # + one velocity evaluation, Euler 50
+    python benchmarks/peer_torch.py --bench U --profile --iters 3   # where torch's step goes
     python benchmarks/train_step.py --compare-torch      # ours vs these, interleaved, with ratios
 
 BENCH-U: LFM's guided-diffusion `UNetModel` (torchcfm's copy of it, the architecture LFM trains:
@@ -189,6 +190,35 @@ def serve(benches, quick: bool, threads: int) -> None:
     print(json.dumps(out), flush=True)
 
 
+# torch.profiler op names by kind: the convolutions (oneDNN) and the matmuls of the step.
+_CONV_OPS = ("aten::mkldnn_convolution", "aten::convolution_backward", "aten::_convolution",
+             "aten::convolution", "aten::conv2d")
+_MATMUL_OPS = ("aten::addmm", "aten::mm", "aten::bmm", "aten::baddbmm", "aten::matmul",
+               "aten::linear", "aten::_scaled_dot_product_flash_attention_for_cpu",
+               "aten::_scaled_dot_product_flash_attention_for_cpu_backward")
+
+
+def profile(peer: "Peer", bench: str, iters: int, top: int) -> None:
+  """torch.profiler over `iters` train steps: one JSON line per kind (self CPU time per step:
+  convolutions, matmuls, the rest) and per op of the `top` slowest."""
+  from torch import profiler  # pylint: disable=g-import-not-at-top
+  with profiler.profile(activities=[profiler.ProfilerActivity.CPU]) as prof:
+    for _ in range(iters):
+      peer.train_step()
+  rows = [(e.key, e.self_cpu_time_total / 1e3 / iters, e.count // iters)
+          for e in prof.key_averages() if e.self_cpu_time_total > 0]
+  total = sum(ms for _, ms, _ in rows)
+  kinds = {"convolution": 0.0, "matmul": 0.0, "other": 0.0}
+  for name, ms, _ in rows:
+    kinds["convolution" if name in _CONV_OPS else "matmul" if name in _MATMUL_OPS else "other"] += ms
+  for kind, ms in kinds.items():
+    C.emit({"kind": "peer_profile_category", "bench": bench, "category": kind,
+            "self_cpu_ms_per_step": round(ms, 3), "share": round(ms / total, 4), "iters": iters})
+  for name, ms, count in sorted(rows, key=lambda r: -r[1])[:top]:
+    C.emit({"kind": "peer_profile_op", "bench": bench, "op": name,
+            "self_cpu_ms_per_step": round(ms, 3), "calls_per_step": count})
+
+
 def main(argv=None):
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--bench", default="U,D", help="comma list of U (U-Net), D (DiT-S/2)")
@@ -201,6 +231,9 @@ def main(argv=None):
   p.add_argument("--euler-steps", type=int, default=50)
   p.add_argument("--quick", action="store_true", help="tiny models (seconds)")
   p.add_argument("--serve", action="store_true", help="worker mode for train_step.py --compare-torch")
+  p.add_argument("--profile", action="store_true",
+                 help="torch.profiler of --iters train steps: self CPU time by kind and op")
+  p.add_argument("--top", type=int, default=12, help="--profile: slowest ops printed")
   args = p.parse_args(argv)
   benches = [b.strip() for b in args.bench.split(",") if b.strip()]
   if args.serve:
@@ -212,6 +245,9 @@ def main(argv=None):
   for bench in benches:
     peer = Peer(bench, args.quick)
     time_op(peer, "train", args.warmup)
+    if args.profile:
+      profile(peer, bench, args.iters, args.top)
+      continue
     t = time_op(peer, "train", args.iters)
     rec = {"kind": "peer_train_step", "bench": bench, "framework": "torch",
            "torch": torch.__version__, "threads": threads, "params": peer.num_params,

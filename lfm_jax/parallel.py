@@ -137,15 +137,17 @@ def maybe_initialize_distributed(environ: Optional[Mapping[str, str]] = None,
 # weight-gradient) convolutions are slower than XLA's own (Eigen) ones. Training programs keep
 # YNNPACK for what it does well here, dots and reductions, and leave convolutions (and
 # elementwise fusions, which pull convolutions in and slow down small models) to XLA.
-# Inference programs (forward passes only: ODE solves, decoders) run fastest with YNNPACK off
-# altogether: a DiT forward's dots are faster in XLA's own kernels, a U-Net forward is unchanged,
-# and the results are the same. benchmarks/README.md has the measurements.
+# Inference programs (forward passes only: ODE solves, decoders) keep YNNPACK for convolutions
+# only: a DiT forward's dots and reductions are faster in XLA's own kernels, while a U-Net's
+# forward convolutions are faster in YNNPACK; the results are the same.
+# benchmarks/README.md has the measurements.
 _CPU_COMPILER_OPTIONS = {
     "train": {
         "xla_cpu_experimental_ynn_fusion_type":
             "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT,LIBRARY_FUSION_TYPE_REDUCE",
     },
-    "inference": {"xla_cpu_experimental_ynn_fusion_type": ""},
+    "inference": {"xla_cpu_experimental_ynn_fusion_type":
+                      "LIBRARY_FUSION_TYPE_INDIVIDUAL_CONVOLUTION"},
 }
 
 
@@ -178,7 +180,7 @@ def train_compiler_options() -> Optional[dict]:
 
 def inference_compiler_options() -> Optional[dict]:
   """XLA compiler options for jitted forward-only programs (sampling, decoding): on CPU,
-  YNNPACK off. None in the same cases as `train_compiler_options`."""
+  YNNPACK for convolutions only. None in the same cases as `train_compiler_options`."""
   return _cpu_compiler_options("inference")
 
 

@@ -231,6 +231,21 @@ def test_peer_torch_has_our_parameter_count():
   assert tuple(shape_chw) == (shape[2], shape[0], shape[1]) and batch == our_batch
 
 
+def test_peer_torch_profile_splits_the_step_by_kind(capsys):
+  """peer_torch.py --profile: torch's self CPU time per step by kind (convolutions, matmuls, the
+  rest; shares sum to 1) and its slowest ops."""
+  pytest.importorskip("torch")
+  _load("peer_torch").main(["--quick", "--bench", "U", "--profile", "--iters", "1",
+                            "--warmup", "1", "--top", "3"])
+  recs = _records(capsys)
+  cats = {r["category"]: r for r in recs if r["kind"] == "peer_profile_category"}
+  assert set(cats) == {"convolution", "matmul", "other"}
+  assert sum(r["share"] for r in cats.values()) == pytest.approx(1.0, abs=1e-3)
+  assert cats["convolution"]["self_cpu_ms_per_step"] > 0  # a U-Net's step convolves
+  ops = [r for r in recs if r["kind"] == "peer_profile_op"]
+  assert len(ops) == 3 and ops[0]["self_cpu_ms_per_step"] >= ops[-1]["self_cpu_ms_per_step"]
+
+
 def test_compare_torch_quick(capsys):
   """--compare-torch: ours and the PyTorch worker alternate; one record per bench and op."""
   pytest.importorskip("torch")
