@@ -231,6 +231,17 @@ def test_peer_torch_has_our_parameter_count():
   assert tuple(shape_chw) == (shape[2], shape[0], shape[1]) and batch == our_batch
 
 
+def test_conv_algorithms_winograd_equals_lax_convolution(capsys):
+  """conv_algorithms.py --quick: Winograd F(2,3) and F(4,3), forward and both gradients, equal
+  lax's 3x3 convolution (float32 rounding), and every algorithm is timed."""
+  _load("conv_algorithms").main(["--quick"])
+  recs = {r["algorithm"]: r for r in _records(capsys) if r["kind"] == "conv_algorithm"}
+  assert set(recs) == {"lax", "f23", "f43"}
+  assert recs["lax"]["max_rel_error"] == 0.0
+  assert recs["f23"]["max_rel_error"] < 1e-5 and recs["f43"]["max_rel_error"] < 1e-4
+  assert all(r["fwd_ms"] > 0 and r["fwd_bwd_ms"] > 0 for r in recs.values())
+
+
 def test_peer_torch_profile_splits_the_step_by_kind(capsys):
   """peer_torch.py --profile: torch's self CPU time per step by kind (convolutions, matmuls, the
   rest; shares sum to 1) and its slowest ops."""
