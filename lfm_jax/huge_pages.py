@@ -67,7 +67,7 @@ def active(environ=None) -> bool:
   """Whether this process runs with huge pages for large mallocs (the tunable set at its start,
   or THP mode `always`)."""
   env = os.environ if environ is None else environ
-  return "glibc.malloc.hugetlb=1" in env.get("GLIBC_TUNABLES", "") or _thp_mode() == "always"
+  return TUNABLE in env.get("GLIBC_TUNABLES", "") or _thp_mode() == "always"
 
 
 def exec_with_huge_pages(argv: Optional[Sequence[str]] = None) -> None:

@@ -1,6 +1,7 @@
 """Small helpers shared by the tests (not part of the library)."""
 
 import os
+import re
 import sys
 from typing import Any
 
@@ -145,3 +146,12 @@ def randomise_batch_norm(model, generator) -> None:
         bn.running_var *= 0.9 + 0.2 * torch.rand(n, generator=generator)
         bn.weight.copy_(0.9 + 0.2 * torch.rand(n, generator=generator))
         bn.bias.copy_(0.1 * torch.randn(n, generator=generator))
+
+
+def ynn_fused(hlo_text: str, opcode: str) -> list[str]:
+  """The `opcode` instructions (e.g. "convolution", "dot") inside the YNNPACK fusions of a
+  compiled HLO module's text."""
+  bodies = dict(re.findall(r"^%?(\S+) [^\n]*\{\n(.*?)\n\}", hlo_text, re.M | re.S))
+  called = re.findall(r"calls=%?([\w.\-]+)[^\n]*__ynn_fusion", hlo_text)
+  return [line for name in called for line in bodies.get(name, "").splitlines()
+          if f" {opcode}(" in line]

@@ -7,6 +7,7 @@ import pytest
 from jax.experimental import io_callback
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from helpers import ynn_fused
 from lfm_jax import flow, sampling
 
 SIGMA = flow.SIGMA_MIN
@@ -189,18 +190,12 @@ def test_samplers_compile_with_the_inference_options_and_keep_the_numbers():
                 t_end=0.0)
   lowered = jax.jit(sampling._sample, static_argnames=("velocity_fn",) + tuple(static)).lower(
       velocity, z0, params, **static)
-  default = lowered.compile()(z0, params)[0]
+  compiled_default = lowered.compile()
+  default = compiled_default(z0, params)[0]
   np.testing.assert_allclose(ours, default, rtol=1e-5, atol=1e-5)
   assert float(jnp.abs(ours - z0).max()) > 0.1  # the network moved the latents
   # The options reach the compiled program: XLA's defaults run the dots in YNNPACK, ours not.
-  assert _ynn_dots(lowered.compile().as_text())
+  assert ynn_fused(compiled_default.as_text(), "dot")
   ours_text = sampling._sample_jit().lower(velocity, z0, params, **static).compile().as_text()
-  assert not _ynn_dots(ours_text)
+  assert not ynn_fused(ours_text, "dot")
 
-
-def _ynn_dots(hlo_text):
-  """The dot instructions inside YNNPACK fusions of a compiled module's HLO text."""
-  import re  # pylint: disable=g-import-not-at-top
-  bodies = dict(re.findall(r"\n(?:%)?([\w.\-]+) [^\n]*\{\n(.*?)\n\}", hlo_text, re.S))
-  called = re.findall(r"calls=%?([\w.\-]+)[^\n]*__ynn_fusion", hlo_text)
-  return [line for name in called for line in bodies.get(name, "").splitlines() if " dot(" in line]

@@ -6,7 +6,6 @@ A tiny conv velocity net (same call signature as the U-Net) on 8x8x4 latents kee
 
 import glob
 import os
-import re
 import shutil
 import signal
 import subprocess
@@ -160,7 +159,7 @@ from lfm_jax import optim  # noqa: E402
 from lfm_jax import train  # noqa: E402
 from lfm_jax import trainer  # noqa: E402
 from lfm_jax import writers  # noqa: E402
-from helpers import tree_max_abs_diff  # noqa: E402
+from helpers import tree_max_abs_diff, ynn_fused  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -419,14 +418,6 @@ def test_default_model_is_the_unet(tmp_path):
   assert any("loss" in r for r in writers.read_jsonl(str(tmp_path / "metrics.jsonl")))
 
 
-def _ynn_convolutions(hlo_text):
-  """The convolution instructions inside YNNPACK fusions of a compiled HLO module's text."""
-  bodies = dict(re.findall(r"^%?(\S+) [^\n]*\{\n(.*?)\n\}", hlo_text, re.M | re.S))
-  called = re.findall(r"calls=%?([\w.\-]+)[^\n]*__ynn_fusion", hlo_text)
-  return [line for name in called for line in bodies.get(name, "").splitlines()
-          if " convolution(" in line]
-
-
 def test_train_compiler_options_keep_the_numbers():
   """On CPU the train step is compiled with parallel.train_compiler_options() (convolutions off
   YNNPACK); the step computes the same numbers as with XLA's default options."""
@@ -451,9 +442,9 @@ def test_train_compiler_options_keep_the_numbers():
   conv_grad = jax.jit(jax.grad(lambda x, w: jnp.sum(jax.lax.conv_general_dilated(
       x, w, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")) ** 2), argnums=(0, 1)))
   lowered = conv_grad.lower(jnp.ones((8, 16, 16, 64)), jnp.ones((3, 3, 64, 64)))
-  default = _ynn_convolutions(lowered.compile().as_text())
+  default = ynn_fused(lowered.compile().as_text(), "convolution")
   if not any("size=16x16" in line for line in default):
     pytest.skip("this jaxlib does not run weight-gradient convolutions on YNNPACK")
-  tuned = _ynn_convolutions(lowered.compile(compiler_options=opts).as_text())
+  tuned = ynn_fused(lowered.compile(compiler_options=opts).as_text(), "convolution")
   assert len(tuned) < len(default)
   assert not any("size=16x16" in line for line in tuned)  # the weight gradient
